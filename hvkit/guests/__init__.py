@@ -1,0 +1,1 @@
+"""Prebuilt freestanding guest ELFs (built by setup.py from guests/)."""

@@ -1,0 +1,215 @@
+#define _GNU_SOURCE
+#include "runloop.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+int hv_sink_init(hv_sink *s, size_t limit)
+{
+    memset(s, 0, sizeof(*s));
+    s->fd = -1;
+    s->limit = limit;
+    return pthread_mutex_init(&s->lock, NULL);
+}
+
+void hv_sink_free(hv_sink *s)
+{
+    free(s->buf);
+    s->buf = NULL;
+    s->len = s->cap = 0;
+    pthread_mutex_destroy(&s->lock);
+}
+
+static void sink_append(hv_sink *s, const unsigned char *p, size_t n)
+{
+    if (s->len + n > s->cap) {
+        size_t cap = s->cap ? s->cap : 4096;
+        while (cap < s->len + n)
+            cap *= 2;
+        if (s->limit && cap > s->limit)
+            cap = s->limit;
+        if (cap > s->cap) {
+            unsigned char *nb = realloc(s->buf, cap);
+            if (nb) {
+                s->buf = nb;
+                s->cap = cap;
+            }
+        }
+    }
+    size_t room = s->cap - s->len;
+    size_t take = n < room ? n : room;
+    if (take)
+        memcpy(s->buf + s->len, p, take);
+    s->len += take;
+    s->dropped += n - take;
+}
+
+void hv_sink_write(hv_sink *s, const unsigned char *p, size_t n)
+{
+    pthread_mutex_lock(&s->lock);
+    sink_append(s, p, n);
+    if (s->fd >= 0) {
+        size_t off = 0;
+        while (off < n) {
+            ssize_t w = write(s->fd, p + off, n - off);
+            if (w < 0 && errno == EINTR)
+                continue;
+            if (w <= 0)
+                break;   /* a closed console must not stop the guest */
+            off += (size_t)w;
+        }
+    }
+    pthread_mutex_unlock(&s->lock);
+}
+
+static void kick_handler(int sig) { (void)sig; }
+
+int hv_kick_signal(void) { return SIGRTMIN; }
+
+int hv_kick_signal_install(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = kick_handler;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = 0;   /* no SA_RESTART: KVM_RUN must return EINTR */
+    return sigaction(SIGRTMIN, &sa, NULL);
+}
+
+void hv_runner_init(hv_runner *r, int fd, int vcpu_id, struct kvm_run *run,
+                    hv_ports *ports, hv_vmstate *vm)
+{
+    memset(r, 0, sizeof(*r));
+    r->fd = fd;
+    r->vcpu_id = vcpu_id;
+    r->run = run;
+    r->ports = ports;
+    r->vm = vm;
+    pthread_mutex_init(&r->lock, NULL);
+}
+
+void hv_runner_kick(hv_runner *r)
+{
+    __atomic_store_n(&r->run->immediate_exit, 1, __ATOMIC_SEQ_CST);
+    pthread_mutex_lock(&r->lock);
+    if (r->in_run)
+        pthread_kill(r->thread, SIGRTMIN);
+    pthread_mutex_unlock(&r->lock);
+}
+
+/* Serve one port exit natively. Returns 1 if handled, 2 if the VM must stop,
+ * 0 to hand it to Python. */
+static int serve_port(hv_runner *r, struct kvm_run *run)
+{
+    uint16_t port = run->io.port;
+    hv_ports *ports = r->ports;
+    if (!ports)
+        return 0;
+    for (int i = 0; i < ports->n; i++) {
+        hv_port *p = &ports->ports[i];
+        if (port < p->base || port >= p->base + p->len)
+            continue;
+        unsigned char *data = (unsigned char *)run + run->io.data_offset;
+        uint32_t size = run->io.size, count = run->io.count;
+        uint16_t off = port - p->base;
+        switch (p->kind) {
+        case HV_PORT_NULL:
+            if (run->io.direction == KVM_EXIT_IO_IN)
+                memset(data, 0, (size_t)size * count);
+            p->hits++;
+            return 1;
+        case HV_PORT_EXIT: {
+            if (run->io.direction != KVM_EXIT_IO_OUT) {
+                memset(data, 0, (size_t)size * count);
+                return 1;
+            }
+            uint64_t v = 0;
+            memcpy(&v, data, size > 8 ? 8 : size);
+            p->hits++;
+            r->vm->exit_code = (int64_t)v;
+            r->vm->exit_vcpu = r->vcpu_id;
+            __atomic_store_n(&r->vm->exit_requested, 1, __ATOMIC_SEQ_CST);
+            return 2;
+        }
+        case HV_PORT_SERIAL: {
+            hv_serial *s = p->state;
+            if (size != 1)
+                return 0;
+            if (off == 0 && run->io.direction == KVM_EXIT_IO_OUT &&
+                !s->dlab && !s->thri && !s->loopback) {
+                hv_sink_write(s->sink, data, count);
+                p->hits++;
+                return 1;
+            }
+            if (off == 5 && run->io.direction == KVM_EXIT_IO_IN) {
+                /* THR empty and transmitter idle: output never backs up. */
+                unsigned char lsr = 0x60 | (s->rx_ready ? 1 : 0);
+                memset(data, lsr, count);
+                p->hits++;
+                return 1;
+            }
+            return 0;
+        }
+        default:
+            return 0;
+        }
+    }
+    return 0;
+}
+
+int hv_run(hv_runner *r)
+{
+    struct kvm_run *run = r->run;
+    pthread_mutex_lock(&r->lock);
+    r->thread = pthread_self();
+    r->in_run = 1;
+    pthread_mutex_unlock(&r->lock);
+
+    int result;
+    for (;;) {
+        if (r->vm && __atomic_load_n(&r->vm->exit_requested, __ATOMIC_SEQ_CST)) {
+            result = HV_RUN_GUEST_EXIT;
+            break;
+        }
+        int rc = ioctl(r->fd, KVM_RUN, 0);
+        r->kvm_runs++;
+        if (rc < 0) {
+            int err = errno;
+            if (err == EINTR) {
+                r->exit_counts[KVM_EXIT_INTR]++;
+                result = HV_RUN_INTERRUPTED;
+                break;
+            }
+            if (err == EAGAIN)
+                continue;
+            result = -err;
+            break;
+        }
+        uint32_t reason = run->exit_reason;
+        if (reason < HV_EXIT_REASONS)
+            r->exit_counts[reason]++;
+        if (reason == KVM_EXIT_IO) {
+            int h = serve_port(r, run);
+            if (h == 1) {
+                r->native_exits++;
+                continue;
+            }
+            if (h == 2) {
+                r->native_exits++;
+                result = HV_RUN_GUEST_EXIT;
+                break;
+            }
+        }
+        result = HV_RUN_EXIT;
+        break;
+    }
+
+    pthread_mutex_lock(&r->lock);
+    r->in_run = 0;
+    pthread_mutex_unlock(&r->lock);
+    return result;
+}

@@ -1,0 +1,89 @@
+/* The vCPU run loop and the devices served in it without Python.
+ *
+ * Python owns every decision; this file only moves bytes on the exits that
+ * are too frequent to pay for a trip into the interpreter: the console
+ * transmit path, the exit port, and ports whose writes are ignored. */
+#ifndef HVKIT_RUNLOOP_H
+#define HVKIT_RUNLOOP_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <pthread.h>
+#include <linux/kvm.h>
+
+#define HV_MAX_PORTS 32
+#define HV_EXIT_REASONS 64
+
+enum hv_port_kind {
+    HV_PORT_SERIAL = 1,   /* 16550: THR writes and LSR reads */
+    HV_PORT_EXIT = 2,     /* a write stops the VM with the value as exit code */
+    HV_PORT_NULL = 3,     /* writes dropped, reads return zeros (counted) */
+};
+
+enum hv_run_result {
+    HV_RUN_EXIT = 0,       /* an exit for Python: look at kvm_run */
+    HV_RUN_INTERRUPTED = 1,/* kicked (immediate_exit or a signal) */
+    HV_RUN_GUEST_EXIT = 2, /* the guest wrote the exit port */
+};
+
+typedef struct hv_sink {
+    pthread_mutex_t lock;
+    unsigned char *buf;
+    size_t len, cap, limit;
+    size_t dropped;
+    int fd;               /* also written here live when >= 0 */
+} hv_sink;
+
+typedef struct hv_serial {
+    volatile int dlab;    /* LCR bit 7: offsets 0/1 are the divisor */
+    volatile int thri;    /* IER bit 1: THR writes must raise an interrupt */
+    volatile int loopback;/* MCR bit 4: output goes back to the receiver */
+    volatile int rx_ready;/* LSR.DR: Python has input queued */
+    hv_sink *sink;
+} hv_serial;
+
+typedef struct hv_vmstate {
+    volatile int exit_requested;
+    volatile int64_t exit_code;
+    volatile int exit_vcpu;
+} hv_vmstate;
+
+typedef struct hv_port {
+    uint16_t base, len;
+    int kind;
+    void *state;
+    volatile uint64_t hits;
+} hv_port;
+
+typedef struct hv_ports {
+    int n;
+    hv_port ports[HV_MAX_PORTS];
+} hv_ports;
+
+typedef struct hv_runner {
+    int fd;
+    int vcpu_id;
+    struct kvm_run *run;
+    hv_ports *ports;
+    hv_vmstate *vm;
+    pthread_mutex_t lock;
+    pthread_t thread;
+    int in_run;
+    uint64_t kvm_runs;
+    uint64_t native_exits;
+    uint64_t exit_counts[HV_EXIT_REASONS];
+} hv_runner;
+
+int hv_sink_init(hv_sink *s, size_t limit);
+void hv_sink_free(hv_sink *s);
+void hv_sink_write(hv_sink *s, const unsigned char *p, size_t n);
+
+int hv_kick_signal_install(void);
+int hv_kick_signal(void);
+void hv_runner_init(hv_runner *r, int fd, int vcpu_id, struct kvm_run *run,
+                    hv_ports *ports, hv_vmstate *vm);
+void hv_runner_kick(hv_runner *r);
+/* Loops on KVM_RUN; returns an hv_run_result or -errno. Call without the GIL. */
+int hv_run(hv_runner *r);
+
+#endif

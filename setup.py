@@ -1,0 +1,36 @@
+"""Builds hvkit: the native KVM extension (Cython + C) and the guests."""
+import os
+import subprocess
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_py import build_py
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class BuildWithGuests(build_py):
+    """Compile the freestanding guests into hvkit/guests/*.elf."""
+
+    def run(self):
+        subprocess.check_call(["make", "-C", os.path.join(HERE, "guests"),
+                               f"OUT={os.path.join(HERE, 'hvkit', 'guests')}"])
+        super().run()
+
+
+def extensions():
+    from Cython.Build import cythonize
+    ext = Extension(
+        "hvkit._native",
+        sources=["native/_native.pyx", "native/runloop.c"],
+        include_dirs=["native"],
+        extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
+    )
+    return cythonize([ext], include_path=["native"],
+                     compiler_directives={"language_level": "3"})
+
+
+setup(
+    ext_modules=extensions(),
+    cmdclass={"build_py": BuildWithGuests},
+)
