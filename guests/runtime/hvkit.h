@@ -1,0 +1,54 @@
+/* The guest side of hvkit's contract with freestanding guests.
+ *
+ * The VMM enters _start in 64-bit mode at CPL0 on every vCPU with
+ * rdi = vCPU index, rsi = vCPU count, rdx = address of the argument string.
+ * The runtime installs its GDT, TSS (with an I/O bitmap that opens every
+ * port), IDT and page tables, then calls main() at CPL3, where this host's
+ * KVM runs code natively. */
+#ifndef HVKIT_GUEST_H
+#define HVKIT_GUEST_H
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long u64;
+typedef long s64;
+typedef unsigned long size_t;
+
+#define MAX_CPUS 16
+
+#define COM1 0x3F8
+#define EXIT_PORT 0x500
+#define HYPERCALL_PORT 0x510
+
+#define HC_FAULT 1
+
+/* Every vCPU runs main(); vCPU 0's return value is the VM's exit code,
+ * other vCPUs park when they return. */
+int main(int cpu, int ncpus, const char *args);
+
+static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" :: "a"(v), "Nd"(port)); }
+static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" :: "a"(v), "Nd"(port)); }
+static inline u8 inb(u16 port) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline u32 inl(u16 port) { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
+static inline u64 rdtsc(void) { u32 lo, hi; __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi)); return ((u64)hi << 32) | lo; }
+static inline void cpuid(u32 leaf, u32 sub, u32 *a, u32 *b, u32 *c, u32 *d)
+{
+    __asm__ volatile("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(sub));
+}
+
+void rt_write(const char *s, size_t n);   /* one exit per call (rep outsb) */
+void rt_puts(const char *s);
+void rt_printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+int rt_getc(void);                        /* blocks until the host sends a byte */
+void rt_exit(int code) __attribute__((noreturn));
+u32 rt_apic_id(void);
+s64 rt_hypercall(u64 nr, u64 a0, u64 a1, u64 a2, u64 a3, u64 a4, u64 a5);
+int rt_arg_int(const char *args, const char *key, int def);
+size_t rt_strlen(const char *s);
+int rt_strncmp(const char *a, const char *b, size_t n);
+void *memset(void *d, int c, size_t n);
+void *memcpy(void *d, const void *s, size_t n);
+
+#endif

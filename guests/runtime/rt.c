@@ -1,0 +1,313 @@
+/* The shared guest runtime: CPL0 set-up (TSS, IDT), fault reporting, and
+ * the CPL3 helpers programs use (console, exit, hypercalls). */
+#include <stdarg.h>
+#include "hvkit.h"
+
+#define KCODE 0x08
+#define TSS0_INDEX 5
+#define STACK_SIZE 16384
+#define IOMAP_BYTES 8192
+
+struct tss {
+    u32 reserved0;
+    u64 rsp[3];
+    u64 reserved1;
+    u64 ist[7];
+    u64 reserved2;
+    u16 reserved3;
+    u16 iomap_base;
+    u8 iomap[IOMAP_BYTES + 1];   /* all zero: every port open at CPL3 */
+} __attribute__((packed));
+
+struct gate {
+    u16 off0, sel;
+    u8 ist, type;
+    u16 off1;
+    u32 off2, reserved;
+} __attribute__((packed));
+
+struct desc_ptr {
+    u16 limit;
+    u64 base;
+} __attribute__((packed));
+
+struct hc_block {
+    u64 nr, args[6], ret;
+} __attribute__((aligned(64)));
+
+u64 rt_gdt[TSS0_INDEX + 2 * MAX_CPUS] = {
+    0,
+    0x00AF9B000000FFFFul,   /* 0x08 kernel code, 64-bit */
+    0x00CF93000000FFFFul,   /* 0x10 kernel data */
+    0x00AFFB000000FFFFul,   /* 0x18 user code, 64-bit, DPL3 */
+    0x00CFF3000000FFFFul,   /* 0x20 user data, DPL3 */
+};
+struct desc_ptr rt_gdt_ptr = { sizeof(rt_gdt) - 1, (u64)rt_gdt };
+static struct gate idt[256] __attribute__((aligned(16)));
+struct desc_ptr rt_idt_ptr = { sizeof(idt) - 1, (u64)idt };
+static struct tss tss[MAX_CPUS] __attribute__((aligned(64)));
+u8 rt_kstacks[MAX_CPUS][STACK_SIZE] __attribute__((aligned(16)));
+static u8 ustacks[MAX_CPUS][STACK_SIZE] __attribute__((aligned(16)));
+static struct hc_block hc[MAX_CPUS];
+volatile u64 rt_irq_count;
+
+extern char rt_exc0[], rt_exc1[], rt_exc2[], rt_exc3[], rt_exc4[], rt_exc5[], rt_exc6[],
+    rt_exc7[], rt_exc8[], rt_exc9[], rt_exc10[], rt_exc11[], rt_exc12[], rt_exc13[],
+    rt_exc14[], rt_exc15[], rt_exc16[], rt_exc17[], rt_exc18[], rt_exc19[], rt_exc20[],
+    rt_exc21[], rt_exc22[], rt_exc23[], rt_exc24[], rt_exc25[], rt_exc26[], rt_exc27[],
+    rt_exc28[], rt_exc29[], rt_exc30[], rt_exc31[], rt_irq_entry[];
+static char *const exc_stubs[32] = {
+    rt_exc0, rt_exc1, rt_exc2, rt_exc3, rt_exc4, rt_exc5, rt_exc6, rt_exc7, rt_exc8,
+    rt_exc9, rt_exc10, rt_exc11, rt_exc12, rt_exc13, rt_exc14, rt_exc15, rt_exc16,
+    rt_exc17, rt_exc18, rt_exc19, rt_exc20, rt_exc21, rt_exc22, rt_exc23, rt_exc24,
+    rt_exc25, rt_exc26, rt_exc27, rt_exc28, rt_exc29, rt_exc30, rt_exc31,
+};
+
+static void set_gate(int vec, void *fn, u8 type)
+{
+    u64 a = (u64)fn;
+    struct gate *g = &idt[vec];
+    g->off0 = a & 0xFFFF;
+    g->sel = KCODE;
+    g->ist = 0;
+    g->type = type;
+    g->off1 = (a >> 16) & 0xFFFF;
+    g->off2 = a >> 32;
+    g->reserved = 0;
+}
+
+/* CPL0, once per vCPU: every instruction here is emulated on nested hosts,
+ * so the IDT is filled only up to the vectors in use. */
+u64 rt_cpu_setup(u64 cpu)
+{
+    struct tss *t = &tss[cpu];
+    u64 base = (u64)t, limit = sizeof(*t) - 1;
+    t->rsp[0] = (u64)&rt_kstacks[cpu + 1][0];
+    t->iomap_base = __builtin_offsetof(struct tss, iomap);
+    t->iomap[IOMAP_BYTES] = 0xFF;
+    rt_gdt[TSS0_INDEX + 2 * cpu] = (limit & 0xFFFF) | ((base & 0xFFFFFF) << 16) |
+        (0x89ul << 40) | (((limit >> 16) & 0xF) << 48) | (((base >> 24) & 0xFF) << 56);
+    rt_gdt[TSS0_INDEX + 2 * cpu + 1] = base >> 32;
+    for (int v = 0; v < 32; v++)
+        set_gate(v, exc_stubs[v], v == 3 ? 0xEE : 0x8E);   /* int3 allowed from CPL3 */
+    for (int v = 32; v < 48; v++)
+        set_gate(v, rt_irq_entry, 0x8E);
+    set_gate(255, rt_irq_entry, 0x8E);
+    return (u64)&ustacks[cpu + 1][0];
+}
+
+/* An exception at any level: tell the host, which stops the VM with a
+ * GuestCrash naming the vector and the faulting context. */
+void rt_fault(u64 *frame)
+{
+    u64 cpu;
+    u64 cr2;
+    __asm__ volatile("mov %%cr2, %0" : "=r"(cr2));
+    u32 a, b, c, d;
+    cpuid(1, 0, &a, &b, &c, &d);
+    cpu = (b >> 24) % MAX_CPUS;
+    struct hc_block *h = &hc[cpu];
+    h->nr = HC_FAULT;
+    h->args[0] = frame[0];   /* vector */
+    h->args[1] = frame[1];   /* error code */
+    h->args[2] = frame[2];   /* rip */
+    h->args[3] = cr2;
+    h->args[4] = frame[5];   /* rsp */
+    h->args[5] = cpu;
+    outl(HYPERCALL_PORT, (u32)(u64)h);
+}
+
+void rt_irq(void)
+{
+    __atomic_fetch_add(&rt_irq_count, 1, __ATOMIC_RELAXED);
+    *(volatile u32 *)0xFEE000B0ul = 0;   /* LAPIC EOI */
+}
+
+void rt_user_start(u64 cpu, u64 ncpus, const char *args)
+{
+    int code = main((int)cpu, (int)ncpus, args);
+    if (cpu == 0)
+        rt_exit(code);
+    for (;;)
+        cpu_relax();
+}
+
+/* ---- CPL3 helpers ---- */
+
+void *memset(void *d, int c, size_t n)
+{
+    u8 *p = d;
+    while (n--)
+        *p++ = (u8)c;
+    return d;
+}
+
+void *memcpy(void *d, const void *s, size_t n)
+{
+    u8 *p = d;
+    const u8 *q = s;
+    while (n--)
+        *p++ = *q++;
+    return d;
+}
+
+size_t rt_strlen(const char *s)
+{
+    size_t n = 0;
+    while (s[n])
+        n++;
+    return n;
+}
+
+int rt_strncmp(const char *a, const char *b, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (a[i] != b[i] || !a[i])
+            return (u8)a[i] - (u8)b[i];
+    }
+    return 0;
+}
+
+static volatile int console_lock;
+
+/* One string at a time, so lines from different vCPUs do not interleave
+ * (some hosts split rep outsb into an exit per byte). */
+void rt_write(const char *s, size_t n)
+{
+    if (!n)
+        return;
+    while (__atomic_exchange_n(&console_lock, 1, __ATOMIC_ACQUIRE))
+        cpu_relax();
+    __asm__ volatile("rep outsb" : "+S"(s), "+c"(n) : "d"((u16)COM1) : "memory");
+    __atomic_store_n(&console_lock, 0, __ATOMIC_RELEASE);
+}
+
+void rt_puts(const char *s) { rt_write(s, rt_strlen(s)); }
+
+static char *fmt_u(char *end, u64 v, unsigned base)
+{
+    *--end = 0;
+    do {
+        *--end = "0123456789abcdef"[v % base];
+        v /= base;
+    } while (v);
+    return end;
+}
+
+void rt_printf(const char *fmt, ...)
+{
+    char out[256], num[24];
+    size_t n = 0;
+    va_list ap;
+    va_start(ap, fmt);
+    for (const char *p = fmt; *p && n < sizeof(out) - 24; p++) {
+        if (*p != '%') {
+            out[n++] = *p;
+            continue;
+        }
+        p++;
+        int lng = 0;
+        while (*p == 'l') {
+            lng = 1;
+            p++;
+        }
+        const char *s = 0;
+        switch (*p) {
+        case 'd': {
+            s64 v = lng ? va_arg(ap, s64) : va_arg(ap, int);
+            if (v < 0) {
+                out[n++] = '-';
+                v = -v;
+            }
+            s = fmt_u(num + sizeof(num), (u64)v, 10);
+            break;
+        }
+        case 'u':
+            s = fmt_u(num + sizeof(num), lng ? va_arg(ap, u64) : va_arg(ap, unsigned), 10);
+            break;
+        case 'x':
+            s = fmt_u(num + sizeof(num), lng ? va_arg(ap, u64) : va_arg(ap, unsigned), 16);
+            break;
+        case 'p':
+            s = fmt_u(num + sizeof(num), (u64)va_arg(ap, void *), 16);
+            out[n++] = '0';
+            out[n++] = 'x';
+            break;
+        case 's':
+            s = va_arg(ap, const char *);
+            break;
+        case 'c':
+            out[n++] = (char)va_arg(ap, int);
+            break;
+        case '%':
+            out[n++] = '%';
+            break;
+        default:
+            break;
+        }
+        while (s && *s && n < sizeof(out) - 1)
+            out[n++] = *s++;
+    }
+    va_end(ap);
+    rt_write(out, n);
+}
+
+int rt_getc(void)
+{
+    while (!(inb(COM1 + 5) & 1))
+        cpu_relax();
+    return inb(COM1);
+}
+
+void rt_exit(int code)
+{
+    outl(EXIT_PORT, (u32)code);
+    for (;;)
+        cpu_relax();
+}
+
+u32 rt_apic_id(void)
+{
+    u32 a, b, c, d;
+    cpuid(1, 0, &a, &b, &c, &d);
+    return b >> 24;
+}
+
+s64 rt_hypercall(u64 nr, u64 a0, u64 a1, u64 a2, u64 a3, u64 a4, u64 a5)
+{
+    struct hc_block *h = &hc[rt_apic_id() % MAX_CPUS];
+    h->nr = nr;
+    h->args[0] = a0;
+    h->args[1] = a1;
+    h->args[2] = a2;
+    h->args[3] = a3;
+    h->args[4] = a4;
+    h->args[5] = a5;
+    h->ret = 0;
+    outl(HYPERCALL_PORT, (u32)(u64)h);
+    return (s64)h->ret;
+}
+
+/* The integer value of "key=N" in the argument string, or def. */
+int rt_arg_int(const char *args, const char *key, int def)
+{
+    size_t kl = rt_strlen(key);
+    for (const char *p = args; p && *p;) {
+        if (rt_strncmp(p, key, kl) == 0 && p[kl] == '=') {
+            const char *q = p + kl + 1;
+            int neg = 0, v = 0;
+            if (*q == '-') {
+                neg = 1;
+                q++;
+            }
+            while (*q >= '0' && *q <= '9')
+                v = v * 10 + (*q++ - '0');
+            return neg ? -v : v;
+        }
+        while (*p && *p != ' ')
+            p++;
+        while (*p == ' ')
+            p++;
+    }
+    return def;
+}

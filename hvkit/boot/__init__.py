@@ -1,0 +1,1 @@
+"""Guest loaders: freestanding ELF, Linux bzImage and PVH, initramfs."""
