@@ -7,7 +7,7 @@ static volatile int reported;
 int main(int cpu, int ncpus, const char *args)
 {
     (void)args;
-    rt_printf("cpu %d apic %u\n", cpu, rt_apic_id());
+    rt_printf("cpu %d apic %u lapic %u\n", cpu, rt_apic_id(), rt_lapic_id());
     __atomic_fetch_add(&reported, 1, __ATOMIC_SEQ_CST);
     if (cpu != 0)
         return 0;

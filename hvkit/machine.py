@@ -190,14 +190,13 @@ class MicroVM:
         image = self.image
         image.load(self.memory)
         self.memory.write(layout.GUEST_ARGS_ADDR, self.args.encode() + b"\0")
-        sregs = None
         for vcpu in self.vcpus:
             self._setup_cpu(vcpu)
             stack = layout.BOOT_STACK_TOP - vcpu.id * layout.BOOT_STACK_SIZE
-            _, sregs = setup_mode(vcpu, self.memory, "long", image.entry, stack=stack,
-                                  regs={"rdi": vcpu.id, "rsi": self.nr_vcpus,
-                                        "rdx": layout.GUEST_ARGS_ADDR},
-                                  sregs=sregs, write_tables=vcpu.id == 0)
+            setup_mode(vcpu, self.memory, "long", image.entry, stack=stack,
+                       regs={"rdi": vcpu.id, "rsi": self.nr_vcpus,
+                             "rdx": layout.GUEST_ARGS_ADDR},
+                       write_tables=vcpu.id == 0)
             if vcpu.id:
                 # Freestanding guests start every vCPU at the entry point.
                 vcpu.set_mp_state(MP_STATE_RUNNABLE)

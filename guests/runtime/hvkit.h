@@ -43,7 +43,9 @@ void rt_puts(const char *s);
 void rt_printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 int rt_getc(void);                        /* blocks until the host sends a byte */
 void rt_exit(int code) __attribute__((noreturn));
-u32 rt_apic_id(void);
+u32 rt_apic_id(void);                     /* CPUID leaf 1 as KVM reports it */
+u32 rt_lapic_id(void);                    /* the local APIC's ID register */
+int rt_cpu(void);
 s64 rt_hypercall(u64 nr, u64 a0, u64 a1, u64 a2, u64 a3, u64 a4, u64 a5);
 int rt_arg_int(const char *args, const char *key, int def);
 size_t rt_strlen(const char *s);

@@ -35,6 +35,14 @@ struct hc_block {
     u64 nr, args[6], ret;
 } __attribute__((aligned(64)));
 
+/* Per-vCPU data, reached at CPL3 through the FS base set at CPL0. */
+struct percpu {
+    struct percpu *self;
+    u32 cpu;
+    u32 apic_id;          /* from CPUID at CPL0, where KVM answers it */
+    struct hc_block hc;
+} __attribute__((aligned(64)));
+
 u64 rt_gdt[TSS0_INDEX + 2 * MAX_CPUS] = {
     0,
     0x00AF9B000000FFFFul,   /* 0x08 kernel code, 64-bit */
@@ -48,7 +56,7 @@ struct desc_ptr rt_idt_ptr = { sizeof(idt) - 1, (u64)idt };
 static struct tss tss[MAX_CPUS] __attribute__((aligned(64)));
 u8 rt_kstacks[MAX_CPUS][STACK_SIZE] __attribute__((aligned(16)));
 static u8 ustacks[MAX_CPUS][STACK_SIZE] __attribute__((aligned(16)));
-static struct hc_block hc[MAX_CPUS];
+static struct percpu percpu[MAX_CPUS];
 volatile u64 rt_irq_count;
 
 extern char rt_exc0[], rt_exc1[], rt_exc2[], rt_exc3[], rt_exc4[], rt_exc5[], rt_exc6[],
@@ -62,6 +70,13 @@ static char *const exc_stubs[32] = {
     rt_exc17, rt_exc18, rt_exc19, rt_exc20, rt_exc21, rt_exc22, rt_exc23, rt_exc24,
     rt_exc25, rt_exc26, rt_exc27, rt_exc28, rt_exc29, rt_exc30, rt_exc31,
 };
+
+static struct percpu *this_cpu(void)
+{
+    struct percpu *pc;
+    __asm__ volatile("mov %%fs:0, %0" : "=r"(pc));
+    return pc;
+}
 
 static void set_gate(int vec, void *fn, u8 type)
 {
@@ -82,6 +97,13 @@ u64 rt_cpu_setup(u64 cpu)
 {
     struct tss *t = &tss[cpu];
     u64 base = (u64)t, limit = sizeof(*t) - 1;
+    struct percpu *pc = &percpu[cpu];
+    u32 a, b, c, d;
+    pc->self = pc;
+    pc->cpu = (u32)cpu;
+    cpuid(1, 0, &a, &b, &c, &d);
+    pc->apic_id = b >> 24;
+    __asm__ volatile("wrmsr" :: "c"(0xC0000100u), "a"((u32)(u64)pc), "d"((u32)((u64)pc >> 32)));
     t->rsp[0] = (u64)&rt_kstacks[cpu + 1][0];
     t->iomap_base = __builtin_offsetof(struct tss, iomap);
     t->iomap[IOMAP_BYTES] = 0xFF;
@@ -100,20 +122,17 @@ u64 rt_cpu_setup(u64 cpu)
  * GuestCrash naming the vector and the faulting context. */
 void rt_fault(u64 *frame)
 {
-    u64 cpu;
     u64 cr2;
     __asm__ volatile("mov %%cr2, %0" : "=r"(cr2));
-    u32 a, b, c, d;
-    cpuid(1, 0, &a, &b, &c, &d);
-    cpu = (b >> 24) % MAX_CPUS;
-    struct hc_block *h = &hc[cpu];
+    struct percpu *pc = this_cpu();
+    struct hc_block *h = &pc->hc;
     h->nr = HC_FAULT;
     h->args[0] = frame[0];   /* vector */
     h->args[1] = frame[1];   /* error code */
     h->args[2] = frame[2];   /* rip */
     h->args[3] = cr2;
     h->args[4] = frame[5];   /* rsp */
-    h->args[5] = cpu;
+    h->args[5] = pc->cpu;
     outl(HYPERCALL_PORT, (u32)(u64)h);
 }
 
@@ -266,16 +285,17 @@ void rt_exit(int code)
         cpu_relax();
 }
 
-u32 rt_apic_id(void)
-{
-    u32 a, b, c, d;
-    cpuid(1, 0, &a, &b, &c, &d);
-    return b >> 24;
-}
+/* CPUID executed at CPL3 may run natively on nested hosts and describe
+ * the host CPU; the runtime asked at CPL0 instead. */
+u32 rt_apic_id(void) { return this_cpu()->apic_id; }
+
+u32 rt_lapic_id(void) { return *(volatile u32 *)0xFEE00020ul >> 24; }
+
+int rt_cpu(void) { return (int)this_cpu()->cpu; }
 
 s64 rt_hypercall(u64 nr, u64 a0, u64 a1, u64 a2, u64 a3, u64 a4, u64 a5)
 {
-    struct hc_block *h = &hc[rt_apic_id() % MAX_CPUS];
+    struct hc_block *h = &this_cpu()->hc;
     h->nr = nr;
     h->args[0] = a0;
     h->args[1] = a1;

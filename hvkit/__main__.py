@@ -1,0 +1,5 @@
+import sys
+
+from hvkit.cli import main
+
+sys.exit(main())
