@@ -1,0 +1,398 @@
+"""The NVMe accelerator: a separate process that serves the I/O queues.
+
+Why a process and not a thread: the engine is Python, and a thread in the
+VMM would share the GIL with the vCPU threads' exit handling, so every
+completion would contend with every MMIO exit. A process has its own
+interpreter, runs on its own core, and cannot take the VMM down when it
+crashes; the VMM restarts it from the state published in the control page
+(see engine.py). The hot loop is the part to move to native code later.
+
+The data path never crosses the VMM in steady state (mode c):
+  guest writes SQ entries and the shadow doorbell in its RAM (a memfd this
+  process maps), rings the MMIO doorbell only when the EventIdx rule says
+  so; KVM turns that write into a signal on ``kick_fd`` (an ioeventfd);
+  this process fetches, runs and completes the commands in place, and
+  signals ``irq_fds[vector]``, which KVM delivers as the MSI-X message
+  (an irqfd on the vector's GSI route).
+Without a doorbell buffer (mode b) an ioeventfd would lose the value the
+guest wrote, so the VMM takes the MMIO exit, stores the value in the
+control page and signals ``kick_fd`` itself.
+
+Control messages (JSON over a SOCK_SEQPACKET socketpair, fds by
+SCM_RIGHTS) carry the control plane: init, queue creation/deletion,
+doorbell buffer, coalescing, reset, flush, recover, stop.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import mmap
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from hvkit.devices.nvme.engine import CTRL_PAGE_SIZE, QueueEngine, memory_fence, read_queue_state
+from hvkit.errors import ConfigError, HvkitError
+
+if TYPE_CHECKING:
+    from hvkit.devices.nvme.controller import NvmeController
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE = 1 << 16
+CALL_TIMEOUT = 10.0
+
+
+class AcceleratorError(HvkitError):
+    """The accelerator process died or refused a control message."""
+
+
+# ---------------------------------------------------------------------------
+# VMM side
+# ---------------------------------------------------------------------------
+
+class Accelerator:
+    """The VMM's handle on the accelerator process; also the controller's
+    I/O plane. ``kick_fd`` and ``irq_fds`` outlive restarts, so KVM
+    ioeventfd/irqfd registrations made once stay valid."""
+
+    def __init__(self, ctrl: "NvmeController", *, poll_us: int = 200,
+                 python: str = sys.executable) -> None:
+        for region in ctrl.mem:
+            if region.fd < 0:
+                raise ConfigError(
+                    f"nvme accelerator: memory region {region.name!r} is not memfd-backed, "
+                    f"so another process cannot map it")
+        missing = [ns.nsid for ns in ctrl.namespaces.values() if ns.spec is None]
+        if missing:
+            raise ConfigError(
+                f"nvme accelerator: namespaces {missing} have no spec telling another "
+                f"process how to open their backend")
+        self.ctrl = ctrl
+        self.poll_us = poll_us
+        self.python = python
+        self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.irq_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                        for _ in range(ctrl.msix.vectors)]
+        self.proc: subprocess.Popen | None = None
+        self.sock: socket.socket | None = None
+        self.restarts = 0
+        self.pidfd = -1
+
+    # -- life cycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.proc = subprocess.Popen(
+                [self.python, "-m", "hvkit.devices.nvme.accelerator", str(child.fileno())],
+                pass_fds=(child.fileno(),), close_fds=True,
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                    p for p in [_package_root(), os.environ.get("PYTHONPATH", "")] if p)})
+        finally:
+            child.close()
+        self.sock = parent
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+        self.pidfd = os.pidfd_open(self.proc.pid)
+        c = self.ctrl
+        regions = list(c.mem)
+        init = {
+            "op": "init",
+            "regions": [[r.gpa, r.size] for r in regions],
+            "nirq": len(self.irq_fds),
+            "namespaces": [[ns.nsid, ns.lba_size, ns.spec[0], ns.spec[1]]
+                           for ns in c.namespaces.values()],
+            "max_transfer": c.io.max_transfer,
+            "poll_us": self.poll_us,
+        }
+        fds = [c.ctrl_page_fd, self.kick_fd, *self.irq_fds, *[r.fd for r in regions]]
+        self._call(init, fds)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def restart(self) -> None:
+        """Replace a dead (or wedged) accelerator. Queue positions come from
+        the control page; the new process first recovers completions the old
+        one posted but had not yet published, then carries on. Writes it had
+        acknowledged were in the host kernel before their completion was
+        posted, so they survive the process."""
+        self._kill()
+        self.restarts += 1
+        log.warning("nvme: restarting the accelerator (restart %d)", self.restarts)
+        self.start()
+        c = self.ctrl
+        page = c.ctrl_page
+        for qid, (gpa, size, iv, ien) in sorted(c.io_cqs.items()):
+            _h, tail, phase = read_queue_state(page, qid)
+            self._call({"op": "create_cq", "qid": qid, "gpa": gpa, "size": size,
+                        "vector": iv, "ien": ien, "tail": tail % size, "phase": phase & 1})
+        for qid, (gpa, size, cqid) in sorted(c.io_sqs.items()):
+            head = read_queue_state(page, qid)[0]
+            self._call({"op": "create_sq", "qid": qid, "gpa": gpa, "size": size,
+                        "cqid": cqid, "head": head % size})
+        if c.dbbuf is not None:
+            self._call({"op": "dbbuf", "shadow": c.dbbuf[0], "eventidx": c.dbbuf[1]})
+        c.set_coalescing()
+        self._call({"op": "recover"})
+        os.eventfd_write(self.kick_fd, 1)
+
+    def _kill(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+            self.proc = None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def close(self) -> None:
+        if self.alive():
+            try:
+                self._call({"op": "stop"})
+                self.proc.wait(timeout=5)
+            except (AcceleratorError, subprocess.TimeoutExpired):
+                pass
+        self._kill()
+        for fd in [self.kick_fd, *self.irq_fds, self.pidfd]:
+            if fd >= 0:
+                os.close(fd)
+        self.kick_fd, self.irq_fds, self.pidfd = -1, [], -1
+
+    # -- control messages --------------------------------------------------------
+
+    def _call(self, msg: dict[str, Any], fds: list[int] | None = None) -> dict[str, Any]:
+        if self.sock is None:
+            raise AcceleratorError("nvme accelerator is not running")
+        try:
+            data = json.dumps(msg).encode()
+            if fds:
+                socket.send_fds(self.sock, [data], fds)
+            else:
+                self.sock.send(data)
+            self.sock.settimeout(CALL_TIMEOUT)
+            reply = self.sock.recv(MAX_MESSAGE)
+        except (OSError, socket.timeout) as exc:
+            raise AcceleratorError(f"nvme accelerator: {msg['op']} failed: {exc}") from exc
+        if not reply:
+            raise AcceleratorError(f"nvme accelerator died during {msg['op']}")
+        answer = json.loads(reply)
+        if not answer.get("ok"):
+            raise AcceleratorError(f"nvme accelerator refused {msg['op']}: {answer.get('error')}")
+        return answer
+
+    def call(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """A control message; a dead accelerator is restarted and the
+        message sent again (the restart replays queue state first)."""
+        try:
+            return self._call(msg)
+        except AcceleratorError:
+            if self.alive():
+                raise
+        self.restart()
+        return self._call(msg)
+
+    # -- the IoPlane interface ------------------------------------------------------
+
+    def create_cq(self, qid: int, gpa: int, size: int, vector: int, ien: bool) -> None:
+        self.call({"op": "create_cq", "qid": qid, "gpa": gpa, "size": size,
+                   "vector": vector, "ien": ien, "tail": 0, "phase": 1})
+
+    def create_sq(self, qid: int, gpa: int, size: int, cqid: int) -> None:
+        self.call({"op": "create_sq", "qid": qid, "gpa": gpa, "size": size,
+                   "cqid": cqid, "head": 0})
+
+    def delete_sq(self, qid: int) -> None:
+        self.call({"op": "delete_sq", "qid": qid})
+
+    def delete_cq(self, qid: int) -> None:
+        self.call({"op": "delete_cq", "qid": qid})
+
+    def set_dbbuf(self, shadow: int, eventidx: int) -> None:
+        self.call({"op": "dbbuf", "shadow": shadow, "eventidx": eventidx})
+
+    def set_coalescing(self, threshold: int, disabled_vectors: list[int]) -> None:
+        self.call({"op": "coalescing", "threshold": threshold, "disabled": disabled_vectors})
+
+    def reset(self) -> None:
+        self.call({"op": "reset"})
+
+    def flush(self) -> None:
+        self.call({"op": "flush"})
+
+    def kick(self, qid: int, cq: bool) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            self.restart()
+        os.eventfd_write(self.kick_fd, 1)
+
+    def stats(self) -> dict[str, Any]:
+        return self.call({"op": "stats"})
+
+
+def _package_root() -> str:
+    import hvkit
+    return os.path.dirname(os.path.dirname(os.path.abspath(hvkit.__file__)))
+
+
+# ---------------------------------------------------------------------------
+# accelerator side
+# ---------------------------------------------------------------------------
+
+class _Server:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.engine: QueueEngine | None = None
+        self.io = None
+        self.irq_fds: list[int] = []
+        self.kick_fd = -1
+        self.poll_s = 0.0
+        self.running = True
+
+    def init(self, msg: dict[str, Any], fds: list[int]) -> None:
+        from hvkit.devices.nvme.io import IoCommandSet
+        from hvkit.devices.nvme.namespace import Namespace
+        from hvkit.memory.guest import GuestMemory, MemoryRegion
+
+        nirq = msg["nirq"]
+        ctrl_fd, self.kick_fd = fds[0], fds[1]
+        self.irq_fds = fds[2:2 + nirq]
+        region_fds = fds[2 + nirq:]
+        mem = GuestMemory()
+        for (gpa, size), fd in zip(msg["regions"], region_fds):
+            mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            mem.add_region(MemoryRegion(gpa, size, fd=fd, mapping=mapping, name=f"ram@{gpa:#x}"))
+        page = memoryview(mmap.mmap(ctrl_fd, CTRL_PAGE_SIZE))
+        namespaces = {}
+        for nsid, lba_size, target, kwargs in msg["namespaces"]:
+            module, _, name = target.partition(":")
+            backend = getattr(importlib.import_module(module), name)(**kwargs)
+            namespaces[nsid] = Namespace(nsid, backend, lba_size, spec=(target, kwargs))
+        self.io = IoCommandSet(mem, namespaces, msg["max_transfer"])
+        self.engine = QueueEngine(mem, page, lambda _sqid, cmd: self.io.execute(cmd), self._irq)
+        self.poll_s = msg["poll_us"] / 1e6
+
+    def _irq(self, vector: int) -> None:
+        if 0 <= vector < len(self.irq_fds):
+            os.eventfd_write(self.irq_fds[vector], 1)
+
+    def handle(self, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        op = msg["op"]
+        e = self.engine
+        if op == "init":
+            self.init(msg, fds)
+        elif e is None:
+            return {"ok": False, "error": "not initialised"}
+        elif op == "create_cq":
+            e.create_cq(msg["qid"], msg["gpa"], msg["size"], msg["vector"], msg["ien"],
+                        tail=msg["tail"], phase=msg["phase"])
+        elif op == "create_sq":
+            if msg["cqid"] not in e.cqs:
+                return {"ok": False, "error": f"no CQ {msg['cqid']}"}
+            e.create_sq(msg["qid"], msg["gpa"], msg["size"], msg["cqid"], head=msg["head"])
+        elif op == "delete_sq":
+            e.delete_sq(msg["qid"])
+        elif op == "delete_cq":
+            e.delete_cq(msg["qid"])
+        elif op == "dbbuf":
+            e.set_dbbuf(msg["shadow"], msg["eventidx"])
+        elif op == "coalescing":
+            e.coalesce_threshold = msg["threshold"]
+            e.coalesce_disabled_vectors = set(msg["disabled"])
+        elif op == "reset":
+            e.reset()
+        elif op == "flush":
+            for ns in self.io.namespaces.values():
+                if not ns.read_only:
+                    ns.backend.flush()
+        elif op == "recover":
+            e.recover()
+            e.flush_interrupts()
+        elif op == "stats":
+            st = self.io.stats
+            return {"ok": True, "bytes_read": st.bytes_read, "bytes_written": st.bytes_written,
+                    "sqs": sorted(e.sqs), "cqs": sorted(e.cqs), "dbbuf": e.dbbuf is not None}
+        elif op == "stop":
+            self.running = False
+        else:
+            return {"ok": False, "error": f"unknown op {op!r}"}
+        return {"ok": True}
+
+    def serve_control(self) -> None:
+        msg, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_MESSAGE, 64)
+        if not msg:
+            self.running = False           # the VMM went away
+            return
+        try:
+            reply = self.handle(json.loads(msg), fds)
+        except Exception as exc:          # report, keep serving
+            log.exception("accelerator: control message failed")
+            reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        self.sock.send(json.dumps(reply).encode())
+
+    def publish(self) -> None:
+        st = self.io.stats
+        self.engine.publish_counters({
+            "bytes_read": st.bytes_read, "bytes_written": st.bytes_written,
+            "read_commands": st.read_commands, "write_commands": st.write_commands,
+            "media_errors": st.media_errors})
+
+    def run(self) -> None:
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        while self.running and self.engine is None:
+            self.serve_control()
+        kick = self.kick_fd
+        poller.register(kick, select.POLLIN)
+        last_work = time.monotonic()
+        while self.running:
+            e = self.engine
+            done = e.process()
+            if done:
+                self.publish()
+                last_work = time.monotonic()
+            for fd, _ev in poller.poll(0):
+                if fd == kick:
+                    _drain(kick)
+                else:
+                    self.serve_control()
+            if done or time.monotonic() - last_work < self.poll_s:
+                continue                     # busy: keep polling the doorbells
+            # going idle: ask for a kick on the next doorbell, then look once
+            # more so that a doorbell rung in between is not missed
+            e.update_event_indexes()
+            memory_fence()
+            if e.has_work():
+                continue
+            for fd, _ev in poller.poll(1000):
+                if fd == kick:
+                    _drain(kick)
+                else:
+                    self.serve_control()
+            last_work = time.monotonic()
+
+
+def _drain(fd: int) -> None:
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        pass
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.WARNING, format="nvme-accelerator: %(message)s")
+    sock = socket.socket(fileno=int(argv[1]))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # the VMM decides when we stop
+    _Server(sock).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
