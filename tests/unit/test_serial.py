@@ -1,0 +1,130 @@
+from hvkit.devices.irq import RecordingLine
+from hvkit.devices import serial as s
+from hvkit.devices.serial import Serial16550
+
+
+class Sink:
+    def __init__(self):
+        self.data = bytearray()
+
+    def write(self, b):
+        self.data += b
+
+
+def make():
+    sink, irq = Sink(), RecordingLine()
+    return Serial16550(sink, irq), sink, irq
+
+
+def rd(u, off):
+    return u.read(off, 1)[0]
+
+
+def wr(u, off, v):
+    u.write(off, bytes([v]))
+
+
+def test_transmit_goes_to_sink_and_lsr_reports_empty():
+    u, sink, _ = make()
+    for ch in b"hi":
+        wr(u, s.RBR_THR, ch)
+    assert sink.data == b"hi"
+    assert rd(u, s.LSR) & (s.LSR_THRE | s.LSR_TEMT) == s.LSR_THRE | s.LSR_TEMT
+
+
+def test_dlab_switches_offsets_to_divisor():
+    u, sink, _ = make()
+    wr(u, s.LCR, 0x80 | 0x03)
+    wr(u, 0, 0x01)
+    wr(u, 1, 0x00)
+    assert (rd(u, 0), rd(u, 1)) == (1, 0)
+    assert sink.data == b""               # divisor writes are not output
+    wr(u, s.LCR, 0x03)
+    wr(u, 0, ord("A"))
+    assert sink.data == b"A"
+    assert rd(u, s.IER) == 0
+
+
+def test_receive_sets_dr_and_raises_rdi_interrupt():
+    u, _, irq = make()
+    wr(u, s.IER, s.IER_RDI)
+    assert rd(u, s.IIR_FCR) & 0x0F == s.IIR_NONE
+    u.feed(b"ok")
+    assert irq.level is True
+    assert rd(u, s.LSR) & s.LSR_DR
+    assert rd(u, s.IIR_FCR) & 0x0F == s.IIR_RDI
+    assert rd(u, s.RBR_THR) == ord("o")
+    assert rd(u, s.RBR_THR) == ord("k")
+    assert not rd(u, s.LSR) & s.LSR_DR
+    assert irq.level is False
+
+
+def test_thre_interrupt_on_enable_and_cleared_by_iir_read():
+    u, _, irq = make()
+    wr(u, s.IER, s.IER_THRI)
+    assert irq.level is True              # THR is empty: interrupt at once
+    assert rd(u, s.IIR_FCR) & 0x0F == s.IIR_THRI
+    assert irq.level is False             # reading IIR acknowledged it
+    wr(u, s.RBR_THR, ord("x"))
+    assert irq.level is True              # transmitted: empty again
+
+
+def test_iir_priority_receive_before_thre():
+    u, _, _ = make()
+    wr(u, s.IER, s.IER_THRI | s.IER_RDI)
+    u.feed(b"z")
+    assert rd(u, s.IIR_FCR) & 0x0F == s.IIR_RDI
+
+
+def test_fifo_bits_in_iir_and_clear():
+    u, _, _ = make()
+    wr(u, s.IIR_FCR, s.FCR_ENABLE)
+    assert rd(u, s.IIR_FCR) & 0xC0 == 0xC0
+    u.feed(b"abc")
+    wr(u, s.IIR_FCR, s.FCR_ENABLE | s.FCR_CLEAR_RX)
+    assert not rd(u, s.LSR) & s.LSR_DR
+
+
+def test_loopback_probe_as_linux_8250_does():
+    u, sink, _ = make()
+    wr(u, s.MCR, s.MCR_LOOP | 0x0A)       # LOOP | OUT2 | RTS
+    assert rd(u, s.MSR) & 0xF0 == 0x90    # DCD | CTS mirror OUT2 | RTS
+    wr(u, s.RBR_THR, 0x55)
+    assert sink.data == b""               # loopback does not leave the UART
+    assert rd(u, s.RBR_THR) == 0x55
+    wr(u, s.MCR, s.MCR_OUT2)
+    assert rd(u, s.MSR) & 0xB0 == 0xB0
+
+
+def test_scratch_register():
+    u, _, _ = make()
+    wr(u, s.SCR, 0xA5)
+    assert rd(u, s.SCR) == 0xA5
+
+
+def test_input_overrun_is_counted_not_fatal():
+    u, _, _ = make()
+    u.feed(b"x" * (s.RX_LIMIT + 10))
+    assert u.overruns == 10
+    assert rd(u, s.LSR) & s.LSR_OE
+    assert not rd(u, s.LSR) & s.LSR_OE    # OE clears when read
+
+
+def test_fast_path_state_follows_the_model():
+    from hvkit import _native
+    from hvkit.devices.serial import Serial16550
+    sink = _native.ConsoleSink()
+    u = Serial16550(sink)
+    nvm = _native.NativeVm()
+    assert u.attach_native(nvm, 0x3F8)
+    wr(u, s.LCR, 0x83)
+    assert u.fast.dlab == 1
+    wr(u, s.LCR, 0x03)
+    wr(u, s.IER, s.IER_THRI)
+    assert (u.fast.dlab, u.fast.thri) == (0, 1)
+    u.feed(b"q")
+    assert u.fast.rx_ready == 1
+    rd(u, s.RBR_THR)
+    assert u.fast.rx_ready == 0
+    wr(u, s.RBR_THR, ord("Z"))            # slow path writes reach the same sink
+    assert sink.getvalue() == b"Z"
