@@ -79,6 +79,7 @@ class HostDriver:
         self.shadow = 0
         self.eventidx = 0
         self.mmio_doorbells = 0
+        self.other_admin: list[Completion] = []
 
     # -- registers ------------------------------------------------------------
 
@@ -181,9 +182,16 @@ class HostDriver:
 
     def admin(self, opcode: int, **fields: int) -> Completion:
         cid = self.submit(0, opcode, **fields)
-        for c in self.reap(0, 1):
-            if c.cid == cid:
-                return c
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            found = None
+            for c in self.reap(0, 1):
+                if c.cid == cid:
+                    found = c
+                else:
+                    self.other_admin.append(c)      # e.g. Asynchronous Event completions
+            if found is not None:
+                return found
         raise RuntimeError("admin completion lost")
 
     # -- set-up helpers -------------------------------------------------------------------
