@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# System packages hvkit needs, in one place. Run as root on Debian.
+#   bash scripts/install-deps.sh          what building and running hvkit needs
+#   bash scripts/install-deps.sh --test   plus what the whole test suite needs
+set -euo pipefail
+
+packages=(build-essential make gcc linux-libc-dev python3 python3-dev python3-venv python3-pip)
+if [[ "${1:-}" == "--test" ]]; then
+    packages+=(qemu-utils)
+fi
+
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    echo "hvkit: installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
