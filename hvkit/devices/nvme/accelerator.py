@@ -20,7 +20,7 @@ control page and signals ``kick_fd`` itself.
 
 Control messages (JSON over a SOCK_SEQPACKET socketpair, fds by
 SCM_RIGHTS) carry the control plane: init, queue creation/deletion,
-doorbell buffer, coalescing, reset, flush, recover, stop.
+doorbell buffer, coalescing, reset, flush, restore (after a restart), stop.
 """
 from __future__ import annotations
 
@@ -127,21 +127,22 @@ class Accelerator:
         self._kill()
         self.restarts += 1
         log.warning("nvme: restarting the accelerator (restart %d)", self.restarts)
-        self.start()
         c = self.ctrl
-        page = c.ctrl_page
-        for qid, (gpa, size, iv, ien) in sorted(c.io_cqs.items()):
-            _h, tail, phase = read_queue_state(page, qid)
-            self._call({"op": "create_cq", "qid": qid, "gpa": gpa, "size": size,
-                        "vector": iv, "ien": ien, "tail": tail % size, "phase": phase & 1})
-        for qid, (gpa, size, cqid) in sorted(c.io_sqs.items()):
-            head = read_queue_state(page, qid)[0]
-            self._call({"op": "create_sq", "qid": qid, "gpa": gpa, "size": size,
-                        "cqid": cqid, "head": head % size})
-        if c.dbbuf is not None:
-            self._call({"op": "dbbuf", "shadow": c.dbbuf[0], "eventidx": c.dbbuf[1]})
+        # snapshot first: the new process republishes as it creates queues
+        state = {qid: read_queue_state(c.ctrl_page, qid) for qid in set(c.io_cqs) | set(c.io_sqs)}
+        self.start()
+        # one message, handled between two engine passes: the new process
+        # must not look at a doorbell before it knows where they all are
+        restore = {
+            "op": "restore",
+            "cqs": [[qid, gpa, size, iv, ien, state[qid][1] % size, state[qid][2] & 1]
+                    for qid, (gpa, size, iv, ien) in sorted(c.io_cqs.items())],
+            "sqs": [[qid, gpa, size, cqid, state[qid][0] % size]
+                    for qid, (gpa, size, cqid) in sorted(c.io_sqs.items())],
+            "dbbuf": list(c.dbbuf) if c.dbbuf is not None else None,
+        }
+        self._call(restore)
         c.set_coalescing()
-        self._call({"op": "recover"})
         os.eventfd_write(self.kick_fd, 1)
 
     def _kill(self) -> None:
@@ -217,7 +218,7 @@ class Accelerator:
         self.call({"op": "delete_cq", "qid": qid})
 
     def set_dbbuf(self, shadow: int, eventidx: int) -> None:
-        self.call({"op": "dbbuf", "shadow": shadow, "eventidx": eventidx})
+        self.call({"op": "dbbuf", "shadow": shadow, "eventidx": eventidx, "initialise": True})
 
     def set_coalescing(self, threshold: int, disabled_vectors: list[int]) -> None:
         self.call({"op": "coalescing", "threshold": threshold, "disabled": disabled_vectors})
@@ -302,7 +303,7 @@ class _Server:
         elif op == "delete_cq":
             e.delete_cq(msg["qid"])
         elif op == "dbbuf":
-            e.set_dbbuf(msg["shadow"], msg["eventidx"])
+            e.set_dbbuf(msg["shadow"], msg["eventidx"], bool(msg.get("initialise", True)))
         elif op == "coalescing":
             e.coalesce_threshold = msg["threshold"]
             e.coalesce_disabled_vectors = set(msg["disabled"])
@@ -312,13 +313,22 @@ class _Server:
             for ns in self.io.namespaces.values():
                 if not ns.read_only:
                     ns.backend.flush()
-        elif op == "recover":
+        elif op == "restore":
+            for qid, gpa, size, iv, ien, tail, phase in msg["cqs"]:
+                e.create_cq(qid, gpa, size, iv, ien, tail=tail, phase=phase)
+            for qid, gpa, size, cqid, head in msg["sqs"]:
+                if cqid in e.cqs:
+                    e.create_sq(qid, gpa, size, cqid, head=head)
+            if msg["dbbuf"] is not None:
+                e.set_dbbuf(msg["dbbuf"][0], msg["dbbuf"][1], initialise=False)
             e.recover()
             e.flush_interrupts()
         elif op == "stats":
             st = self.io.stats
             return {"ok": True, "bytes_read": st.bytes_read, "bytes_written": st.bytes_written,
-                    "sqs": sorted(e.sqs), "cqs": sorted(e.cqs), "dbbuf": e.dbbuf is not None}
+                    "sqs": sorted(e.sqs), "cqs": sorted(e.cqs), "dbbuf": e.dbbuf is not None,
+                    "sq_heads": {q: sq.head for q, sq in e.sqs.items()},
+                    "cq_tails": {q: cq.tail for q, cq in e.cqs.items()}}
         elif op == "stop":
             self.running = False
         else:

@@ -136,9 +136,16 @@ class QueueEngine:
         self.coalesce_threshold = 0
         self.coalesce_disabled_vectors.clear()
 
-    def set_dbbuf(self, shadow_gpa: int, eventidx_gpa: int) -> None:
+    def set_dbbuf(self, shadow_gpa: int, eventidx_gpa: int, initialise: bool = True) -> None:
         """Take doorbells from the guest's shadow buffer from now on
-        (I/O queues only; the admin queue always uses MMIO, as Linux does)."""
+        (I/O queues only; the admin queue always uses MMIO, as Linux does).
+        ``initialise`` copies the MMIO doorbell values into the shadow, for
+        queues that existed before the guest configured the buffer; a
+        restarted accelerator resumes with ``initialise=False``, since the
+        shadow then holds the guest's newer values."""
+        if not initialise:
+            self.dbbuf = (shadow_gpa, eventidx_gpa)
+            return
         for qid, sq in self.sqs.items():
             if qid:     # the shadow starts where the MMIO doorbells are
                 self.refresh(sq)
@@ -328,10 +335,13 @@ class QueueEngine:
     def _publish_queue(self, qid: int) -> None:
         if qid > MAX_QID:
             return
+        off = QUEUE_STATE_BASE + QUEUE_STATE_SIZE * qid
         sq = self.sqs.get(qid)
         cq = self.cqs.get(qid)
-        struct.pack_into("<III", self.page, QUEUE_STATE_BASE + QUEUE_STATE_SIZE * qid,
-                         sq.head if sq else 0, cq.tail if cq else 0, cq.phase if cq else 1)
+        if sq is not None:
+            struct.pack_into("<I", self.page, off, sq.head)
+        if cq is not None:
+            struct.pack_into("<II", self.page, off + 4, cq.tail, cq.phase)
 
     def _bump(self, name: str, n: int = 1) -> None:
         off = STATE_BASE + 8 * COUNTERS.index(name)
