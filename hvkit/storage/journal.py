@@ -208,7 +208,8 @@ class Journal:
         """Make in-place metadata durable, then move the replay start to the
         head (or to the ring's start when wrapping), freeing the ring."""
         self.f.flush()
-        start = 0 if wrap else self.head
+        # a transaction that ended exactly at the ring's end leaves head there
+        start = 0 if wrap or self.head + 2 > self.ring_len else self.head
         gen = self.sb_gen + 1
         bno = JSB_A if gen % 2 else JSB_B
         self.f.pwrite(bno * mb.META, _jsb_block(bno, gen, self.next_seq, start))

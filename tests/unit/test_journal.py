@@ -96,3 +96,19 @@ def test_a_damaged_journal_superblock_falls_back_to_the_other(vol_path):
     with pytest.raises(JournalError, match="both journal superblocks"):
         Journal(f, geom)
     f.close()
+
+
+def test_checkpoint_after_a_transaction_that_fills_the_ring_exactly(vol_path):
+    f = HostFile(vol_path)
+    geom = Volume.read_geometry(f)[0]
+    j = Journal(f, geom)
+    j.checkpoint(wrap=True)
+    j.commit([image(geom, 1, i) for i in range(geom.journal_blocks - 2)])
+    assert j.head == geom.journal_blocks
+    j.checkpoint()
+    assert j.start_off == 0
+    j2 = Journal(f, geom)  # reopens: the start is inside the ring
+    assert j2.replay().replayed == 0
+    j2.commit([image(geom, 9)])
+    assert Journal(f, geom).replay().replayed == 1
+    f.close()
