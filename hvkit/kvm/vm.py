@@ -162,17 +162,14 @@ class Vm:
         """In-kernel PIC, IOAPIC and LAPICs (before any vCPU exists)."""
         _native.ioctl_arg(self.fd, IOC["CREATE_IRQCHIP"], 0, "KVM_CREATE_IRQCHIP")
         self.has_irqchip = True
-        # The routing KVM would otherwise default to, with IRQ0 on IOAPIC
-        # pin 2 as on a PC (and as our MP table says); GSI 2 is the cascade.
+        # The routing KVM starts with: GSI n to IOAPIC pin n, and to the PICs
+        # for n < 16 (the MP table hvkit writes describes the same wiring).
         for pin in range(24):
-            if pin == 2:
-                continue
-            routes = []
+            routes = [GsiRoute(pin, IRQ_ROUTING_IRQCHIP, IRQCHIP_IOAPIC, pin)]
             if pin < 8:
                 routes.append(GsiRoute(pin, IRQ_ROUTING_IRQCHIP, IRQCHIP_PIC_MASTER, pin))
             elif pin < 16:
                 routes.append(GsiRoute(pin, IRQ_ROUTING_IRQCHIP, IRQCHIP_PIC_SLAVE, pin - 8))
-            routes.append(GsiRoute(pin, IRQ_ROUTING_IRQCHIP, IRQCHIP_IOAPIC, 2 if pin == 0 else pin))
             self._routes[pin] = routes
 
     def create_pit2(self, flags: int = 0) -> None:
