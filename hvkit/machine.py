@@ -39,6 +39,39 @@ APIC_MODE_EXTINT = 0x7
 APIC_MODE_NMI = 0x4
 
 _kick_installed = False
+_reaper: "_Reaper | None" = None
+
+
+class _Reaper:
+    """Closes KVM file descriptors off the caller's path.
+
+    Destroying a VM costs the kernel 10-25 ms of waiting (not CPU) on this
+    kind of host; a launcher that starts many VMs need not wait for it."""
+
+    def __init__(self) -> None:
+        import queue
+        self.q: "queue.Queue[list[object]]" = queue.Queue()
+        self.thread = threading.Thread(target=self._loop, name="hvkit-reaper", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            items = self.q.get()
+            for item in items:
+                try:
+                    item.close()
+                except Exception:
+                    pass
+            self.q.task_done()
+
+    def put(self, items: list[object]) -> None:
+        self.q.put(items)
+
+
+def wait_for_closes() -> None:
+    """Block until every VM closed with ``close(wait=False)`` is gone."""
+    if _reaper is not None:
+        _reaper.q.join()
 _kick_lock = threading.Lock()
 _default_kvm: Kvm | None = None
 
@@ -384,17 +417,30 @@ class MicroVM:
         return out
 
     # -- teardown ------------------------------------------------------------
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Stop the VM if it runs and release everything it holds. With
+        ``wait=False`` the kernel-side teardown finishes in the background
+        (see ``wait_for_closes``)."""
+        global _reaper
         if self._closed:
             return
         self._closed = True
         if self._threads and any(t.is_alive() for t in self._threads):
             self.stop()
+        items: list[object] = []
         if self.vm is not None:
-            self.vm.close()
+            items.append(self.vm)
             self.vm = None
-        self.memory.close()
+        items.append(self.memory)
         self.state = "closed"
+        if wait:
+            for item in items:
+                item.close()
+        else:
+            with _kick_lock:
+                if _reaper is None:
+                    _reaper = _Reaper()
+            _reaper.put(items)
 
     def __enter__(self) -> "MicroVM":
         return self

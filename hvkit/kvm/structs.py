@@ -43,7 +43,7 @@ class Regs:
         return cls(*cls.FMT.unpack(data))
 
     def pack(self) -> bytes:
-        return self.FMT.pack(*astuple(self))
+        return self.FMT.pack(*(getattr(self, n) for n in REG_NAMES))
 
 
 @dataclass
@@ -110,7 +110,9 @@ class Sregs:
     def pack(self) -> bytes:
         out = bytearray(self.SIZE)
         for i, name in enumerate(SEGMENT_NAMES):
-            Segment.FMT.pack_into(out, 24 * i, *astuple(getattr(self, name)))
+            g = getattr(self, name)
+            Segment.FMT.pack_into(out, 24 * i, g.base, g.limit, g.selector, g.type, g.present,
+                                  g.dpl, g.db, g.s, g.l, g.g, g.avl, g.unusable)
         DTable.FMT.pack_into(out, 192, self.gdt.base, self.gdt.limit)
         DTable.FMT.pack_into(out, 208, self.idt.base, self.idt.limit)
         self.TAIL.pack_into(out, 224, self.cr0, self.cr2, self.cr3, self.cr4,
@@ -196,8 +198,9 @@ def pack_cpuid2(entries: Iterable[CpuidEntry], capacity: int | None = None) -> b
     n = max(len(entries), capacity or 0)
     buf = bytearray(8 + CpuidEntry.FMT.size * n)
     struct.pack_into("<I", buf, 0, n if capacity else len(entries))
+    pack, size = CpuidEntry.FMT.pack_into, CpuidEntry.FMT.size
     for i, e in enumerate(entries):
-        CpuidEntry.FMT.pack_into(buf, 8 + CpuidEntry.FMT.size * i, *astuple(e))
+        pack(buf, 8 + size * i, e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
     return buf
 
 
