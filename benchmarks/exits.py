@@ -168,7 +168,9 @@ def main() -> int:
         for key, runs in samples[cpl].items():
             guest_rate[key] = statistics.median(n / (r["guest_cycles"] / hz) for r in runs)
             wall_rate[key] = statistics.median(n / r["wall_s"] for r in runs)
+            rates = [n / (r["guest_cycles"] / hz) for r in runs]
             out[names[key]] = {"exits_per_s": round(guest_rate[key]),
+                               "min_max": [round(min(rates)), round(max(rates))],
                                "us_per_exit": round(1e6 / guest_rate[key], 3),
                                "wall_exits_per_s": round(wall_rate[key])}
         out["ratio_b_a"] = round(guest_rate["b"] / guest_rate["a"], 3)
