@@ -91,15 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--args", "-a", default="", help="argument string passed to the guest")
     run.add_argument("--input", "-i", action="store_true", help="forward stdin to the serial console")
     run.add_argument("--verbose", "-v", action="store_true", help="print progress to stderr")
-    run.set_defaults(fn=cmd_run)
+    run.set_defaults(func=cmd_run)
 
     info = sub.add_parser("info", help="what this host's KVM supports")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.add_argument("--kvm", default="/dev/kvm", help=argparse.SUPPRESS)
-    info.set_defaults(fn=cmd_info)
+    info.set_defaults(func=cmd_info)
 
     g = sub.add_parser("guests", help="list the bundled freestanding guests")
-    g.set_defaults(fn=cmd_guests)
+    g.set_defaults(func=cmd_guests)
+
+    from hvkit.storage.cli import add_disk_commands
+    add_disk_commands(sub)
     return p
 
 
@@ -107,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.fn(args)
+        return args.func(args)
     except GuestCrash as exc:
         print(f"hvkit: {exc}", file=sys.stderr)
         return 125

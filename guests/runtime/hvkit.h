@@ -48,6 +48,22 @@ u32 rt_lapic_id(void);                    /* the local APIC's ID register */
 int rt_cpu(void);
 s64 rt_hypercall(u64 nr, u64 a0, u64 a1, u64 a2, u64 a3, u64 a4, u64 a5);
 int rt_arg_int(const char *args, const char *key, int def);
+
+/* Kernel calls: CPL3 code runs a CPL0 function through int3 (the gate that
+ * works on every host). Programs add their own CPL0 services by storing a
+ * function in rt_kcalls[n] for a free n (from KCALL_USER up). */
+#define KCALL_MAGIC 0x4C4C41434Bul
+#define RT_KCALLS 32
+#define KCALL_INVLPG 0
+#define KCALL_READ_CR3 1
+#define KCALL_WRITE_CR3 2
+#define KCALL_READ_MSR 3
+#define KCALL_WRITE_MSR 4
+#define KCALL_USER 8
+typedef u64 (*rt_kcall_fn)(u64 a0, u64 a1);
+extern rt_kcall_fn rt_kcalls[RT_KCALLS];
+u64 rt_kcall(u64 nr, u64 a0, u64 a1);
+extern u8 rt_pml4[];   /* the runtime's page tables: PML4, PDPT, 4 PDs (2 MiB pages) */
 size_t rt_strlen(const char *s);
 int rt_strncmp(const char *a, const char *b, size_t n);
 void *memset(void *d, int c, size_t n);

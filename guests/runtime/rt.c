@@ -63,7 +63,7 @@ extern char rt_exc0[], rt_exc1[], rt_exc2[], rt_exc3[], rt_exc4[], rt_exc5[], rt
     rt_exc7[], rt_exc8[], rt_exc9[], rt_exc10[], rt_exc11[], rt_exc12[], rt_exc13[],
     rt_exc14[], rt_exc15[], rt_exc16[], rt_exc17[], rt_exc18[], rt_exc19[], rt_exc20[],
     rt_exc21[], rt_exc22[], rt_exc23[], rt_exc24[], rt_exc25[], rt_exc26[], rt_exc27[],
-    rt_exc28[], rt_exc29[], rt_exc30[], rt_exc31[], rt_irq_entry[];
+    rt_exc28[], rt_exc29[], rt_exc30[], rt_exc31[], rt_irq_entry[], rt_bp_entry[];
 static char *const exc_stubs[32] = {
     rt_exc0, rt_exc1, rt_exc2, rt_exc3, rt_exc4, rt_exc5, rt_exc6, rt_exc7, rt_exc8,
     rt_exc9, rt_exc10, rt_exc11, rt_exc12, rt_exc13, rt_exc14, rt_exc15, rt_exc16,
@@ -111,7 +111,8 @@ u64 rt_cpu_setup(u64 cpu)
         (0x89ul << 40) | (((limit >> 16) & 0xF) << 48) | (((base >> 24) & 0xFF) << 56);
     rt_gdt[TSS0_INDEX + 2 * cpu + 1] = base >> 32;
     for (int v = 0; v < 32; v++)
-        set_gate(v, exc_stubs[v], v == 3 ? 0xEE : 0x8E);   /* int3 allowed from CPL3 */
+        set_gate(v, exc_stubs[v], 0x8E);
+    set_gate(3, rt_bp_entry, 0xEE);   /* int3 allowed from CPL3: the kernel-call gate */
     for (int v = 32; v < 48; v++)
         set_gate(v, rt_irq_entry, 0x8E);
     set_gate(255, rt_irq_entry, 0x8E);
@@ -134,6 +135,80 @@ void rt_fault(u64 *frame)
     h->args[4] = frame[5];   /* rsp */
     h->args[5] = pc->cpu;
     outl(HYPERCALL_PORT, (u32)(u64)h);
+}
+
+/* ---- kernel calls: CPL3 asks CPL0 through int3 ---- */
+
+struct bp_regs {
+    u64 rax, rbx, rcx, rdx, rsi, rdi, rbp, r8, r9, r10, r11, r12, r13, r14, r15;
+    u64 rip, cs, rflags, rsp, ss;
+};
+
+static u64 kc_invlpg(u64 addr, u64 unused)
+{
+    (void)unused;
+    __asm__ volatile("invlpg (%0)" :: "r"(addr) : "memory");
+    return 0;
+}
+
+static u64 kc_read_cr3(u64 a, u64 b)
+{
+    (void)a;
+    (void)b;
+    u64 v;
+    __asm__ volatile("mov %%cr3, %0" : "=r"(v));
+    return v;
+}
+
+static u64 kc_write_cr3(u64 v, u64 unused)
+{
+    (void)unused;
+    __asm__ volatile("mov %0, %%cr3" :: "r"(v) : "memory");
+    return 0;
+}
+
+static u64 kc_read_msr(u64 index, u64 unused)
+{
+    (void)unused;
+    u32 lo, hi;
+    __asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"((u32)index));
+    return ((u64)hi << 32) | lo;
+}
+
+static u64 kc_write_msr(u64 index, u64 value)
+{
+    __asm__ volatile("wrmsr" :: "c"((u32)index), "a"((u32)value), "d"((u32)(value >> 32)));
+    return 0;
+}
+
+rt_kcall_fn rt_kcalls[RT_KCALLS] = {
+    [KCALL_INVLPG] = kc_invlpg,
+    [KCALL_READ_CR3] = kc_read_cr3,
+    [KCALL_WRITE_CR3] = kc_write_cr3,
+    [KCALL_READ_MSR] = kc_read_msr,
+    [KCALL_WRITE_MSR] = kc_write_msr,
+};
+
+void rt_bp(struct bp_regs *r)
+{
+    if (r->rax == KCALL_MAGIC && r->rdi < RT_KCALLS && rt_kcalls[r->rdi]) {
+        r->rax = rt_kcalls[r->rdi](r->rsi, r->rdx);
+        r->rflags |= 3ul << 12;   /* keep IOPL 3: some hosts clear it on iretq */
+        return;
+    }
+    /* A real breakpoint (or a bad kernel call): report it like any fault.
+     * Frame layout for rt_fault: vector, error, rip, cs, rflags, rsp. */
+    u64 frame[7] = { 3, 0, r->rip, r->cs, r->rflags, r->rsp, r->ss };
+    rt_fault(frame);
+    for (;;)
+        ;
+}
+
+u64 rt_kcall(u64 nr, u64 a0, u64 a1)
+{
+    u64 ret;
+    __asm__ volatile("int3" : "=a"(ret) : "a"(KCALL_MAGIC), "D"(nr), "S"(a0), "d"(a1) : "memory");
+    return ret;
 }
 
 void rt_irq(void)

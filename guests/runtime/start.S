@@ -102,6 +102,45 @@ exc_common:
     call rt_fault
 2:  jmp 2b
 
+/* int3 from CPL3 is the kernel-call gate (int $0x80 and syscall do not
+ * work on every host; #BP is delivered everywhere). All registers are
+ * saved; rt_bp() may change them (rax carries the result). */
+    .global rt_bp_entry
+rt_bp_entry:
+    push %r15
+    push %r14
+    push %r13
+    push %r12
+    push %r11
+    push %r10
+    push %r9
+    push %r8
+    push %rbp
+    push %rdi
+    push %rsi
+    push %rdx
+    push %rcx
+    push %rbx
+    push %rax
+    mov %rsp, %rdi
+    call rt_bp
+    pop %rax
+    pop %rbx
+    pop %rcx
+    pop %rdx
+    pop %rsi
+    pop %rdi
+    pop %rbp
+    pop %r8
+    pop %r9
+    pop %r10
+    pop %r11
+    pop %r12
+    pop %r13
+    pop %r14
+    pop %r15
+    iretq
+
 /* External interrupts (vectors 32-255) are counted and acknowledged. */
     .global rt_irq_entry
 rt_irq_entry:

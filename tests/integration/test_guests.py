@@ -110,3 +110,11 @@ def test_timeout_stops_the_guest(microvm):
     with pytest.raises(GuestTimeout, match="did not finish"):
         vm.run(timeout=1.0)
     assert time.monotonic() - t < 10
+
+
+def test_kernel_call_from_user_mode_and_back(microvm):
+    vm = microvm("hello", args="kcall=1 exit=4")
+    assert vm.run(timeout=20) == 4
+    line = [l for l in vm.console_output.decode().splitlines() if l.startswith("cr3")][0]
+    _, cr3, _, pml4 = line.split()
+    assert cr3 == pml4

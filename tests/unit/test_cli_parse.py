@@ -42,3 +42,11 @@ def test_sizes(text, value):
 def test_bad_sizes(text):
     with pytest.raises(ConfigError):
         parse_size(text)
+
+
+def test_disk_commands_are_wired(tmp_path, capsys):
+    vol = str(tmp_path / "v.img")
+    assert main(["disk", "create", vol, "--size", "16M"]) == 0
+    assert main(["disk", "check", vol]) == 0
+    assert main(["disk", "info", "/nonexistent/volume"]) != 0
+    assert "nonexistent" in capsys.readouterr().err
