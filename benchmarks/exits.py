@@ -87,7 +87,9 @@ def build_baseline(tmp: str) -> str:
 
 def run_c(binary: str, elf: str, entry: int, args: str, port: int, n: int) -> dict:
     p = subprocess.run([binary, elf, f"{entry:x}", args, str(port), "64"],
-                       check=True, capture_output=True, text=True)
+                       capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(f"C baseline failed ({p.returncode}): {p.stderr.strip()}")
     r = json.loads(p.stdout)
     if r["exits"] != n:
         raise SystemExit(f"C baseline counted {r['exits']} exits, expected {n}")
@@ -95,9 +97,10 @@ def run_c(binary: str, elf: str, entry: int, args: str, port: int, n: int) -> di
             "tsc_hz": r["tsc_hz"]}
 
 
-def run_hvkit(cpl: int, entry: int, args: str, port: int, n: int, native: bool) -> dict:
+def run_hvkit(elf: str, cpl: int, entry: int, args: str, port: int, n: int,
+              native: bool) -> dict:
     device = NullPorts() if native else PythonPort()
-    with MicroVM(GUEST, memory="64M", args=args) as vm:
+    with MicroVM(elf, memory="64M", args=args) as vm:
         vm.add_device(vm.io_bus, port, 1, device, "bench")
         if cpl == 0:
             # Enter the loop directly at CPL0 instead of the runtime's _start,
@@ -138,8 +141,6 @@ def main() -> int:
     ap.add_argument("--cpl", choices=["0", "3", "both"], default="both")
     opts = ap.parse_args()
 
-    elf = guests.path(GUEST)
-    entries = {0: symbol(elf, "exitloop_cpl0"), 3: symbol(elf, "_start")}
     cpls = [0, 3] if opts.cpl == "both" else [int(opts.cpl)]
     iters = {0: opts.cpl0_iterations, 3: opts.cpl3_iterations}
     samples = {cpl: {"a": [], "b": [], "c": []} for cpl in cpls}
@@ -147,6 +148,10 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="hvkit-bench-") as tmp:
         binary = build_baseline(tmp)
+        # One private copy of the guest for all runs, so a rebuild of the
+        # tree during the benchmark cannot change the code under test.
+        elf = shutil.copy(guests.path(GUEST), os.path.join(tmp, GUEST + ".elf"))
+        entries = {0: symbol(elf, "exitloop_cpl0"), 3: symbol(elf, "_start")}
         for _ in range(opts.reps):
             for cpl in cpls:
                 n = iters[cpl]
@@ -154,8 +159,8 @@ def main() -> int:
                 a = run_c(binary, elf, entries[cpl], args, opts.port, n)
                 tsc_hz.append(a["tsc_hz"])
                 samples[cpl]["a"].append(a)
-                samples[cpl]["b"].append(run_hvkit(cpl, entries[cpl], args, opts.port, n, True))
-                samples[cpl]["c"].append(run_hvkit(cpl, entries[cpl], args, opts.port, n, False))
+                samples[cpl]["b"].append(run_hvkit(elf, cpl, entries[cpl], args, opts.port, n, True))
+                samples[cpl]["c"].append(run_hvkit(elf, cpl, entries[cpl], args, opts.port, n, False))
 
     hz = statistics.median(tsc_hz)
     result: dict = {"benchmark": "port-io exits", "guest": GUEST, "port": hex(opts.port),

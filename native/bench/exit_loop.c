@@ -208,8 +208,13 @@ int main(int argc, char **argv)
             die("KVM_RUN");
         }
         runs++;
+        if (run->exit_reason == KVM_EXIT_INTR)
+            continue;
         if (run->exit_reason != KVM_EXIT_IO) {
-            fprintf(stderr, "exit_loop: unexpected exit reason %u\n", run->exit_reason);
+            struct kvm_regs r;
+            ioctl(vcpu, KVM_GET_REGS, &r);
+            fprintf(stderr, "exit_loop: unexpected exit reason %u at rip %#llx after %llu exits\n",
+                    run->exit_reason, (unsigned long long)r.rip, (unsigned long long)exits);
             return 3;
         }
         uint8_t *data = (uint8_t *)run + run->io.data_offset;
