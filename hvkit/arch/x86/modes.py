@@ -6,6 +6,7 @@ ioctls here replace thousands of emulated instructions there.
 """
 from __future__ import annotations
 
+import functools
 import struct
 from typing import TYPE_CHECKING
 
@@ -67,6 +68,19 @@ def write_gdt(memory: "GuestMemory") -> None:
     memory.write(layout.BOOT_IDT_ADDR, bytes(8))
 
 
+@functools.lru_cache(maxsize=None)
+def _identity_tables(gib: int) -> bytes:
+    """PML4, PDPT and ``gib`` page directories, contiguous from PML4_ADDR."""
+    flags = PTE_PRESENT | PTE_WRITE | PTE_USER
+    out = bytearray(0x2000 + 0x1000 * gib)
+    struct.pack_into("<Q", out, 0, layout.PDPT_ADDR | flags)
+    for i in range(gib):
+        struct.pack_into("<Q", out, 0x1000 + 8 * i, layout.PD_ADDR + 0x1000 * i | flags)
+        struct.pack_into("<512Q", out, 0x2000 + 0x1000 * i,
+                         *[((i << 30) + (j << 21)) | flags | PTE_PS for j in range(512)])
+    return bytes(out)
+
+
 def write_identity_page_tables(memory: "GuestMemory", gib: int = layout.PD_COUNT) -> int:
     """Identity-map the low ``gib`` GiB with 2 MiB pages; returns CR3.
 
@@ -74,14 +88,7 @@ def write_identity_page_tables(memory: "GuestMemory", gib: int = layout.PD_COUNT
     it installs tables of its own."""
     if not 1 <= gib <= layout.PD_COUNT:
         raise ConfigError(f"identity map covers 1 to {layout.PD_COUNT} GiB, not {gib}")
-    flags = PTE_PRESENT | PTE_WRITE | PTE_USER
-    memory.write(layout.PML4_ADDR, struct.pack("<Q", layout.PDPT_ADDR | flags) + bytes(4088))
-    pdpt = [layout.PD_ADDR + 0x1000 * i | flags for i in range(gib)]
-    memory.write(layout.PDPT_ADDR, struct.pack(f"<{gib}Q", *pdpt) + bytes(4096 - 8 * gib))
-    for i in range(gib):
-        base = i << 30
-        entries = [(base + (j << 21)) | flags | PTE_PS for j in range(512)]
-        memory.write(layout.PD_ADDR + 0x1000 * i, struct.pack("<512Q", *entries))
+    memory.write(layout.PML4_ADDR, _identity_tables(gib))
     return layout.PML4_ADDR
 
 
