@@ -10,7 +10,7 @@ import os
 
 import threading
 import time
-from typing import IO, Any
+from typing import IO, Any, Callable
 
 from hvkit import _native
 from hvkit.arch.x86 import layout
@@ -19,6 +19,12 @@ from hvkit.arch.x86.modes import setup_mode
 from hvkit.arch.x86.msrs import boot_msrs
 from hvkit.boot.elf import ElfImage, parse_elf
 from hvkit.devices.bus import Bus, Device
+from hvkit.devices.pci import constants as PCI
+from hvkit.devices.pci.bar import BarAllocator
+from hvkit.devices.pci.bus import PciBus
+from hvkit.devices.pci.config_io import PciConfigIo
+from hvkit.devices.pci.device import PciDevice
+from hvkit.devices.pci.host_bridge import PciHostBridge
 from hvkit.devices.exit_port import ExitPort, NullPorts
 from hvkit.devices.hypercall import HypercallPort
 from hvkit.devices.i8042 import I8042
@@ -35,6 +41,17 @@ from hvkit.memory.guest import GuestMemory, MemoryRegion
 from hvkit.sizes import parse_size
 
 MAX_VCPUS = 64
+PCI_INTX_GSI_BASE = 16      # IOAPIC pins 16-23 carry PCI INTx, by slot
+
+
+class KvmMsi:
+    """An MsiSender that injects through KVM_SIGNAL_MSI."""
+
+    def __init__(self, vm) -> None:
+        self.vm = vm
+
+    def signal_msi(self, address: int, data: int) -> None:
+        self.vm.signal_msi(address, data)
 APIC_MODE_EXTINT = 0x7
 APIC_MODE_NMI = 0x4
 
@@ -142,6 +159,9 @@ class MicroVM:
         self.kvm = kvm or default_kvm()
         self.memory = GuestMemory()
         self.vm = None
+        self.pci: PciBus | None = None
+        self.pci_irqs: list[tuple[int, int, int]] = []
+        self.bar_listeners: list[Callable[[PciDevice, int, int | None, int | None], None]] = []
         try:
             self._build(hugepages, memory_backing)
         except BaseException:
@@ -210,6 +230,40 @@ class MicroVM:
                 attach(self.vm.native, base, length)
             else:
                 attach(self.vm.native, base)
+
+    # -- PCI -------------------------------------------------------------------
+    def add_pci_device(self, device: PciDevice, slot: int | None = None) -> int:
+        """Plug a PCI function into bus 0 and return its devfn.
+
+        hvkit places its BARs (a microVM has no firmware to do it) and keeps
+        the buses in step when the guest moves them; INTx goes to IOAPIC pin
+        16 + slot % 8; MSI-X messages go through KVM."""
+        if self.state != "created":
+            raise HvkitError("PCI devices are added before the VM starts")
+        if self.pci is None:
+            self.pci = PciBus()
+            self.pci.add_bar_listener(self._bar_moved)
+            self.pci.add(PciHostBridge(), 0)
+            self.add_device(self.io_bus, PCI.CONFIG_IO_PORT_BASE, PCI.CONFIG_IO_PORT_LEN,
+                            PciConfigIo(self.pci), "pci-config")
+            self._bars = BarAllocator()
+        devfn = self.pci.add(device, slot)
+        gsi = PCI_INTX_GSI_BASE + (devfn >> 3) % 8
+        vm = self.vm
+        device.attach_intx(CallbackLine(lambda level: vm.irq_line(gsi, level)), gsi)
+        self.pci_irqs.append((devfn >> 3, 0, gsi))
+        self._bars.assign([device])
+        return devfn
+
+    def _bar_moved(self, device: PciDevice, index: int, old: int | None, new: int | None) -> None:
+        bar = device.bars[index]
+        bus = self.io_bus if bar.is_io else self.mmio_bus
+        if old is not None:
+            bus.unregister(bar.region, old)
+        if new is not None:
+            bus.register(new, bar.size, bar.region, f"{device.name}.{bar.name}")
+        for listener in list(self.bar_listeners):
+            listener(device, index, old, new)
 
     def _setup_cpu(self, vcpu: Vcpu) -> None:
         vcpu.set_msrs(boot_msrs())
