@@ -98,6 +98,8 @@ class HostDriver:
     def enable(self, entries: int = 32) -> None:
         self.w32(S.REG_CC, 0)
         q = HostQueue(0, self.alloc.pages(1), self.alloc.pages(1), entries)
+        self.mem.fill(q.sq_gpa, PAGE)
+        self.mem.fill(q.cq_gpa, PAGE)          # no stale phase bits from an earlier life
         self.queues[0] = q
         self.w32(S.REG_AQA, (entries - 1) << 16 | (entries - 1))
         self.w64(S.REG_ASQ, q.sq_gpa)
@@ -199,6 +201,8 @@ class HostDriver:
     def create_io_queues(self, qid: int, entries: int, vector: int = 0) -> Completion:
         q = HostQueue(qid, self.alloc.pages(-(-entries * S.SQE_SIZE // PAGE)),
                       self.alloc.pages(-(-entries * S.CQE_SIZE // PAGE)), entries, vector)
+        self.mem.fill(q.sq_gpa, entries * S.SQE_SIZE)
+        self.mem.fill(q.cq_gpa, entries * S.CQE_SIZE)
         c = self.admin(S.ADM_CREATE_CQ, prp1=q.cq_gpa, cdw10=(entries - 1) << 16 | qid,
                        cdw11=vector << 16 | 0x3)
         if c.status:

@@ -225,11 +225,15 @@ class QueueEngine:
 
     # -- the data path -------------------------------------------------------------------
 
-    def process(self, qids: list[int] | None = None, budget: int = 1 << 30) -> int:
+    def process(self, qids: list[int] | None = None, budget: int | None = None) -> int:
         """Fetch, run and complete commands from the given SQs (all if None),
         round robin, until they are empty, their CQs are full or ``budget``
-        commands have run; then raise the interrupts owed. Returns the count."""
+        commands have run (default: one lap of every ring, so that a guest
+        whose rings or shadow doorbells overlap cannot keep us here forever);
+        then raise the interrupts owed. Returns the count."""
         sqs = [self.sqs[q] for q in (qids if qids is not None else list(self.sqs)) if q in self.sqs]
+        if budget is None:
+            budget = sum(sq.size for sq in sqs)
         for sq in sqs:
             self.refresh(sq)
         done = 0
