@@ -505,6 +505,7 @@ class NvmeController(PciDevice):
         out[77] = self.mdts
         struct.pack_into("<HI", out, 78, 1, S.VERSION_1_4)      # CNTLID, VER
         struct.pack_into("<I", out, 0x5C, 0)         # OAES
+        out[0x6F] = 1                                # CNTRLTYPE: I/O controller
         struct.pack_into("<H", out, 0x100, S.OACS_DBBUF)
         out[0x102] = ACL
         out[0x103] = AERL
