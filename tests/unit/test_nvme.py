@@ -376,3 +376,33 @@ def test_need_event_rule():
     assert S.need_event(5, 6, 5)          # device waits at 5: ring
     assert not S.need_event(3, 6, 5)      # device has not caught up to 5: skip
     assert S.need_event(0xFFFF, 1, 0xFFFE)  # across the 16-bit wrap
+
+
+def test_interrupt_coalescing(rig):
+    """One doorbell, eight completions: one interrupt at the end of the pass
+    without coalescing; with an aggregation threshold of 4 entries, one per
+    four (the end of the pass stands in for the aggregation time)."""
+    d = rig.drv
+    d.enable()
+    cap = rig.ctrl.msix.cap_offset
+    rig.ctrl.config_write(cap + 2, struct.pack("<H", 0x8000))
+    table = rig.ctrl.bars[4].mapped_at
+    for i, dword in enumerate((0xFEE00000, 0, 0x51, 0)):
+        rig.mmio.write(table + 16 + 4 * i, struct.pack("<I", dword))
+    assert d.create_io_queues(1, 32, vector=1).status == 0
+
+    def burst() -> int:
+        rig.msi.messages.clear()
+        old = d.queues[1].sq_tail
+        for _ in range(8):
+            d.submit(1, S.IO_FLUSH, ring=False, nsid=1)
+        d.ring_sq(1, old)
+        assert len(d.reap(1, 8)) == 8
+        return len(rig.msi.messages)
+
+    assert burst() == 1
+    assert d.admin(S.ADM_SET_FEATURES, cdw10=S.FEAT_IRQ_COALESCING, cdw11=3).status == 0
+    assert burst() == 2
+    # Interrupt Vector Configuration: coalescing disabled for vector 1
+    assert d.admin(S.ADM_SET_FEATURES, cdw10=S.FEAT_IRQ_CONFIG, cdw11=1 << 16 | 1).status == 0
+    assert burst() == 1
