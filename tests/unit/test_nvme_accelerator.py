@@ -10,7 +10,6 @@ import os
 import select
 import signal
 import struct
-import time
 
 import pytest
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import mmap
+import os
 import struct
 import threading
-from typing import Callable, Iterable, Protocol
+from typing import TYPE_CHECKING, Callable, Iterable, Protocol
 
 from hvkit.devices.irq import MsiSender
 from hvkit.devices.nvme import spec as S
@@ -30,6 +31,9 @@ from hvkit.devices.pci.msix import MsixCapability
 from hvkit.errors import ConfigError
 from hvkit.memory.guest import GuestMemory
 from hvkit.storage.backend import BlockBackend, StorageError
+
+if TYPE_CHECKING:
+    from hvkit.devices.nvme.accelerator import Accelerator
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +157,7 @@ class NvmeController(PciDevice):
         self.admin = AdminCommandSet(self)
         self.engine = QueueEngine(mem, self.ctrl_page, self._execute, self._raise)
         self.plane: IoPlane = LocalIoPlane(self.engine)
-        self.accelerator = None
+        self.accelerator: Accelerator | None = None
         self.io_cqs: dict[int, tuple[int, int, int, bool]] = {}   # qid -> gpa, size, iv, ien
         self.io_sqs: dict[int, tuple[int, int, int]] = {}          # qid -> gpa, size, cqid
         self.dbbuf: tuple[int, int] | None = None
@@ -177,15 +181,16 @@ class NvmeController(PciDevice):
 
     # -- the accelerator ----------------------------------------------------
 
-    def use_accelerator(self, **kwargs) -> "object":
+    def use_accelerator(self, *, poll_us: int = 200) -> "Accelerator":
         """Serve the I/O queues from a separate process from now on (modes b
-        and c). Call before the guest enables the controller."""
+        and c). Call before the guest enables the controller. ``poll_us`` is
+        how long the process keeps polling the doorbells after its last
+        command before it arms EventIdx and sleeps on the kick eventfd."""
         from hvkit.devices.nvme.accelerator import Accelerator
         with self._lock:
             if self.csts & S.CSTS_RDY:
                 raise ConfigError("nvme: switch to the accelerator before the guest enables the controller")
             if self.ctrl_page_fd < 0:
-                import os
                 fd = os.memfd_create("hvkit-nvme-ctrl", os.MFD_CLOEXEC)
                 os.ftruncate(fd, CTRL_PAGE_SIZE)
                 self.ctrl_page.release()
@@ -194,7 +199,7 @@ class NvmeController(PciDevice):
                 self.ctrl_page = memoryview(self._ctrl_map)
                 self.ctrl_page_fd = fd
                 self.engine.page = self.ctrl_page
-            acc = Accelerator(self, **kwargs)
+            acc = Accelerator(self, poll_us=poll_us)
             acc.start()
             self.accelerator = acc
             self.plane = acc
@@ -563,6 +568,5 @@ class NvmeController(PciDevice):
             self.ctrl_page.release()
             self._ctrl_map.close()
             if self.ctrl_page_fd >= 0:
-                import os
                 os.close(self.ctrl_page_fd)
                 self.ctrl_page_fd = -1
