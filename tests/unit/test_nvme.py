@@ -406,3 +406,25 @@ def test_interrupt_coalescing(rig):
     # Interrupt Vector Configuration: coalescing disabled for vector 1
     assert d.admin(S.ADM_SET_FEATURES, cdw10=S.FEAT_IRQ_CONFIG, cdw11=1 << 16 | 1).status == 0
     assert burst() == 1
+
+
+def test_bar_move_moves_the_doorbells(rig):
+    """The machine hears the move and finds the doorbells at the new place
+    (what it re-registers ioeventfds on)."""
+    moves = []
+    rig.pci.add_bar_listener(lambda dev, i, old, new: moves.append((i, old, new)))
+    old_base = rig.ctrl.bars[0].mapped_at
+    msix_base = rig.ctrl.bars[4].mapped_at
+    assert rig.ctrl.doorbell_address(1, False) == old_base + 0x1008
+    cmd = rig.ctrl.config.get_u16(0x04)
+    rig.ctrl.config_write(0x04, struct.pack("<H", cmd & ~0x2))
+    assert rig.ctrl.doorbell_address(1, False) is None
+    assert rig.ctrl.ioeventfd_doorbells() == []
+    rig.ctrl.config_write(0x10, struct.pack("<I", 0xE000_0000))
+    rig.ctrl.config_write(0x14, struct.pack("<I", 0))
+    rig.ctrl.config_write(0x04, struct.pack("<H", cmd))
+    assert moves == [(0, old_base, None), (4, msix_base, None),
+                     (0, None, 0xE000_0000), (4, None, msix_base)]
+    assert rig.ctrl.doorbell_address(1, True) == 0xE000_100C
+    addrs = rig.ctrl.ioeventfd_doorbells()
+    assert addrs[0] == (0xE000_1008, 4) and len(addrs) == 2 * 16

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE = 1 << 16
-CALL_TIMEOUT = 10.0
+CALL_TIMEOUT = 30.0
 
 
 class AcceleratorError(HvkitError):

@@ -241,7 +241,7 @@ class QueueEngine:
         while progress and done < budget:
             progress = False
             for sq in sqs:
-                if sq.head == sq.tail or sq.qid not in self.sqs:
+                if sq.head == sq.tail or self.sqs.get(sq.qid) is not sq:
                     continue
                 cq = self.cqs.get(sq.cqid)
                 if cq is None:
