@@ -204,3 +204,37 @@ def test_accelerator_refuses_unshareable_memory(tmp_path):
     ctrl.close()
     disk.close()
     mem.close()
+
+
+def test_intx_through_the_accelerator(tmp_path):
+    """MSI-X off: the accelerator signals irq_fds[0]; the VMM, which then
+    owns the level, asserts INTx until the guest consumes the entries."""
+    from hvkit.devices.irq import RecordingLine
+    mem = GuestMemory.create(MEM)
+    disk = RawFileBackend.create(tmp_path / "d.img", DISK)
+    ctrl = NvmeController(mem, [disk])
+    try:
+        acc = ctrl.use_accelerator(poll_us=1000)
+        pci = PciBus()
+        pci.add(ctrl)
+        BarAllocator().assign(pci)
+        mmio = Bus("mmio")
+        for bar in ctrl.bars:
+            if bar is not None:
+                mmio.register(bar.mapped_at, bar.size, bar.region)
+        line = RecordingLine()
+        ctrl.attach_intx(line, 11)
+        d = HostDriver(mem, mmio, ctrl.bars[0].mapped_at, PageAllocator(1 << 20, MEM))
+        d.enable()
+        assert d.create_io_queues(1, 16, vector=0).status == 0
+        assert not line.level
+        d.submit(1, S.IO_FLUSH, nsid=1)
+        assert irq_count(acc.irq_fds[0]) >= 1
+        ctrl.service_irq(0)                       # what the machine does with the eventfd
+        assert line.level
+        assert d.reap(1)[0].status == 0           # the reap writes the CQ head doorbell
+        assert not line.level
+    finally:
+        ctrl.close()
+        disk.close()
+        mem.close()
