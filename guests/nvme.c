@@ -9,7 +9,7 @@
  *   bench=1    random 4 KiB I/O: half writes then half reads, timed with the
  *              TSC; results reported by hypercall 0x1100. Every read is
  *              checked: the data written to an LBA is a function of the LBA.
- *   lbas=N     size of the LBA range used (default: 4096 blocks)
+ *   lbas=N     size of the range used, in 4 KiB pages (default 4096)
  * Exit code 0 on success; otherwise the failing step (see fail()).
  */
 #include "runtime/hvkit.h"
@@ -155,15 +155,19 @@ static u16 admin(struct sqe *e)
     return st;
 }
 
-static void io_cmd(struct sqe *e, u8 opc, u64 lba, u32 nlb, void *buf)
+static u32 per_page = 1;   /* namespace blocks per 4 KiB page */
+
+/* I/O in units of 4 KiB pages, whatever the namespace's block size. */
+static void io_cmd(struct sqe *e, u8 opc, u64 page, u32 pages, void *buf)
 {
+    u64 lba = page * per_page;
     memset(e, 0, sizeof(*e));
     e->opc = opc;
     e->nsid = 1;
     e->prp1 = (u64)buf;
     e->cdw10 = (u32)lba;
     e->cdw11 = (u32)(lba >> 32);
-    e->cdw12 = nlb - 1;
+    e->cdw12 = pages * per_page - 1;
 }
 
 static void fill(u8 *p, u64 lba, u32 seed)
@@ -271,10 +275,11 @@ int main(int cpu, int ncpus, const char *args)
     u8 flbas = ident[26] & 0xF;
     u32 lbads = ident[128 + 4 * flbas + 2];
     rt_printf("nvme: ns1 %lu blocks of %u bytes\n", nsze, 1u << lbads);
-    if (lbads != 12)
-        fail(7, "namespace block size is not 4 KiB", lbads);
-    if (lbas > nsze)
-        lbas = nsze;
+    if (lbads < 9 || lbads > 12)
+        fail(7, "namespace block size is not 512 B..4 KiB", lbads);
+    per_page = 1u << (12 - lbads);
+    if (lbas > nsze / per_page)
+        lbas = nsze / per_page;
 
     memset(&e, 0, sizeof(e));
     e.opc = 0x09;           /* Set Features: number of queues */

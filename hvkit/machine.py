@@ -161,6 +161,7 @@ class MicroVM:
         self.vm = None
         self.pci: PciBus | None = None
         self.pci_irqs: list[tuple[int, int, int]] = []
+        self._attachments: list[Any] = []
         self.bar_listeners: list[Callable[[PciDevice, int, int | None, int | None], None]] = []
         try:
             self._build(hugepages, memory_backing)
@@ -254,6 +255,18 @@ class MicroVM:
         self.pci_irqs.append((devfn >> 3, 0, gsi))
         self._bars.assign([device])
         return devfn
+
+    def add_nvme(self, disks, *, mode: str = "mmio", poll_us: int = 200,
+                 slot: int | None = None, **controller_args):
+        """Add an NVMe controller with one namespace per disk (BlockBackend).
+
+        ``mode`` picks the doorbell path (see hvkit.platform.nvme): "mmio",
+        "ioeventfd" or "shadow". Returns the NvmeController."""
+        from hvkit.platform.nvme import NvmeAttachment
+        att = NvmeAttachment(self, disks, mode=mode, poll_us=poll_us, slot=slot,
+                             **controller_args)
+        self._attachments.append(att)
+        return att.ctrl
 
     def _bar_moved(self, device: PciDevice, index: int, old: int | None, new: int | None) -> None:
         bar = device.bars[index]
@@ -482,6 +495,9 @@ class MicroVM:
         if self._threads and any(t.is_alive() for t in self._threads):
             self.stop()
         items: list[object] = []
+        for att in self._attachments:
+            att.close()
+        self._attachments.clear()
         if self.vm is not None:
             items.append(self.vm)
             self.vm = None
