@@ -483,6 +483,11 @@ class MicroVM:
             out["native"] = out.get("native", 0) + vcpu.runner.native_exits
         return out
 
+    def kvm_exits(self) -> int:
+        """Every exit of every vCPU as KVM counts it, including the ones the
+        kernel serves itself (ioeventfd, in-kernel APIC and PIT)."""
+        return sum(int(v.stats().get("exits", 0)) for v in self.vcpus if v.fd >= 0)
+
     # -- teardown ------------------------------------------------------------
     def close(self, wait: bool = True) -> None:
         """Stop the VM if it runs and release everything it holds. With

@@ -62,6 +62,7 @@ cdef extern from "linux/kvm.h":
         KVM_INTERRUPT
         KVM_GET_DEBUGREGS
         KVM_SET_DEBUGREGS
+        KVM_GET_STATS_FD
     struct kvm_run:
         pass
     struct kvm_regs:
@@ -195,6 +196,7 @@ IOCTLS = {
     'INTERRUPT': <unsigned long>KVM_INTERRUPT,
     'GET_DEBUGREGS': <unsigned long>KVM_GET_DEBUGREGS,
     'SET_DEBUGREGS': <unsigned long>KVM_SET_DEBUGREGS,
+    'GET_STATS_FD': <unsigned long>KVM_GET_STATS_FD,
 }
 SIZES = {
     'run': sizeof(kvm_run),

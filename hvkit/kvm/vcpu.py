@@ -153,6 +153,14 @@ class Vcpu:
             return GuestExit(ExitReason.IO, self.vm.native.exit_code)
         return decode(self.runner, self.runner.exit_reason)
 
+    def stats(self) -> dict:
+        """KVM's counters for this vCPU (``exits`` counts every exit, also
+        the ones the kernel handles without user space)."""
+        from hvkit.kvm.stats import Stats
+        if getattr(self, "_stats", None) is None:
+            self._stats = Stats(self.fd)
+        return self._stats.read()
+
     def complete_msr(self, data: int = 0, error: bool = False) -> None:
         """Answer an X86_RDMSR/WRMSR exit before the next run."""
         self.runner.write_raw(32, struct.pack("<B", 1 if error else 0))
@@ -172,6 +180,9 @@ class Vcpu:
 
     def close(self) -> None:
         if self.fd >= 0:
+            if getattr(self, "_stats", None) is not None:
+                self._stats.close()
+                self._stats = None
             self.runner = None  # unmaps kvm_run
             os.close(self.fd)
             self.fd = -1
