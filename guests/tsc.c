@@ -27,6 +27,7 @@
 #include "runtime/hvkit.h"
 
 #define HC_HOST_NS 0x1154
+#define HC_TICKS_READY 0x1155   /* "about to take interrupts": a host ticker starts now */
 #define PIT_HZ 1193182
 #define MAX_WIN 64
 #define NULL_PORT 0x80   /* POST port: served in C by the VMM */
@@ -219,6 +220,7 @@ static int mode_ticks(const char *args)
     pic_init(src_host ? irq : 0);
     if (!src_host)
         pit_start(hz);
+    rt_hypercall(HC_TICKS_READY, hz, irq, 0, 0, 0, 0);
     irq_on();
     /* Wait for the first tick so the window starts on the timer's phase. */
     u64 start = rdtsc();
