@@ -1,0 +1,46 @@
+"""Kernel command lines: joining, encoding limits, the PVM host options."""
+from __future__ import annotations
+
+import pytest
+
+from hvkit.boot.cmdline import (BASE_CMDLINE, encode_cmdline, join_cmdline, pvm_cmdline,
+                                split_cmdline, write_cmdline)
+from hvkit.errors import GuestLoadError
+from hvkit.memory.guest import GuestMemory
+
+
+def test_join_forms():
+    assert join_cmdline(BASE_CMDLINE, None, "", ["quiet"], {"init": "/init", "ro": True,
+                                                           "debug": False, "x": None}) == \
+        "console=ttyS0 reboot=k panic=-1 quiet init=/init ro"
+    assert join_cmdline({"hvkit.run": "echo a b"}) == 'hvkit.run="echo a b"'
+    assert split_cmdline('a hvkit.run="echo a b" c') == ["a", "hvkit.run=echo a b", "c"]
+    with pytest.raises(GuestLoadError, match="quote"):
+        join_cmdline({"x": 'a "b" c'})
+
+
+def test_pvm_options():
+    words = pvm_cmdline(2600000).split()
+    assert "tsc_early_khz=2600000" in words and "noxsave" in words
+    assert "clearcpuid=cx16,popcnt,smap,ssse3,erms,fsrm" in words
+    assert "pvm_quirks" in words
+    with pytest.raises(ValueError):
+        pvm_cmdline(0)
+
+
+def test_encode_limits():
+    assert encode_cmdline("abc", 4) == b"abc\0"
+    with pytest.raises(GuestLoadError, match="at most 3"):
+        encode_cmdline("abcd", 4)
+    with pytest.raises(GuestLoadError, match="non-ASCII"):
+        encode_cmdline("caf\u00e9", 100)
+    with pytest.raises(GuestLoadError, match="NUL"):
+        encode_cmdline("a\0b", 100)
+
+
+def test_write_cmdline_bounds():
+    mem = GuestMemory.create(1 << 20)
+    assert write_cmdline(mem, 0x1000, "console=ttyS0", 64) == 14
+    assert mem.read(0x1000, 14) == b"console=ttyS0\0"
+    with pytest.raises(Exception):
+        write_cmdline(mem, (1 << 20) - 4, "too long for the end", 64)
