@@ -37,7 +37,6 @@ def pvm_cmdline(tsc_khz: int) -> str:
         raise ValueError(f"tsc_khz must be positive, got {tsc_khz}")
     return " ".join([
         "noxsave",
-        "nofsgsbase",
         "clearcpuid=" + ",".join(PVM_CLEARCPUID),
         f"tsc_early_khz={tsc_khz}",
         "tsc=reliable",
