@@ -7,7 +7,9 @@
  *   ios=N      number of I/Os in the data phase (default 256)
  *   qd=N       queue depth (1..63, default 1)
  *   bench=1    random 4 KiB I/O: half writes then half reads, timed with the
- *              TSC; results reported by hypercall 0x1100. Every read is
+ *              TSC; hypercall 0x1101 marks the start of the timed phase and
+ *              0x1100 reports (ios, qd, cycles, write cycles, address and
+ *              count of per-I/O latencies in cycles). Every read is
  *              checked: the data written to an LBA is a function of the LBA.
  *   lbas=N     size of the range used, in 4 KiB pages (default 4096)
  * Exit code 0 on success; otherwise the failing step (see fail()).
@@ -18,6 +20,8 @@
 #define ASQ_ENTRIES 32
 #define IOQ_ENTRIES 64
 #define HC_NVME_RESULT 0x1100
+#define HC_NVME_START 0x1101
+#define MAX_LAT 65536
 
 struct sqe {
     u8 opc, flags;
@@ -45,6 +49,8 @@ static u32 event_idx[PAGE / 4] __attribute__((aligned(PAGE)));
 static u8 bufs[IOQ_ENTRIES][PAGE] __attribute__((aligned(PAGE)));
 static u8 big[4 * PAGE] __attribute__((aligned(PAGE)));
 static u64 prp_list[PAGE / 8] __attribute__((aligned(PAGE)));
+static u64 lat[MAX_LAT];            /* per-I/O latency in TSC cycles (bench) */
+static u64 submitted_at[IOQ_ENTRIES];
 
 static volatile u8 *regs;
 static u32 dstrd;
@@ -118,9 +124,20 @@ static void ring_cq(struct queue *q)
 
 static u16 next_cid;
 
+/* cid < 0x8000: a buffer slot chosen by the caller; otherwise a fresh id. */
+static u16 submit_cid(struct queue *q, struct sqe *e, int ring, u16 cid)
+{
+    e->cid = cid;
+    q->sq[q->tail] = *e;
+    q->tail = (u16)((q->tail + 1) % q->size);
+    if (ring)
+        ring_sq(q);
+    return e->cid;
+}
+
 static u16 submit(struct queue *q, struct sqe *e, int ring)
 {
-    e->cid = next_cid++;
+    e->cid = 0x8000 | next_cid++;
     q->sq[q->tail] = *e;
     q->tail = (u16)((q->tail + 1) % q->size);
     if (ring)
@@ -364,6 +381,15 @@ int main(int cpu, int ncpus, const char *args)
 
     /* The data phase: writes then reads of random LBAs at queue depth qd. */
     static u64 lba_of[IOQ_ENTRIES];
+    /* Buffer slots are handed out from a free stack and come back on
+     * completion, in whatever order the controller completes. */
+    static u16 free_slots[IOQ_ENTRIES];
+    int nfree = 0;
+    for (int i = 0; i < IOQ_ENTRIES; i++)
+        free_slots[nfree++] = (u16)i;
+    int nlat = 0;
+    if (bench)
+        rt_hypercall(HC_NVME_START, 0, 0, 0, 0, 0, 0);
     u64 t0 = rdtsc(), t_w = 0;
     int done = 0, issued = 0, inflight = 0;
     int writes = ios / 2 ? ios / 2 : 1;
@@ -376,13 +402,14 @@ int main(int cpu, int ncpus, const char *args)
         while (done < n) {
             int batch = 0;
             while (inflight < qd && issued < n) {
-                int slot = next_cid % IOQ_ENTRIES;   /* unique among <64 in flight */
+                int slot = free_slots[--nfree];
                 u64 lba = bench ? next_rand() % lbas : (u64)issued % lbas;
                 lba_of[slot] = lba;
+                submitted_at[slot] = rdtsc();
                 if (phase == 0)
                     fill(bufs[slot], lba, 0x5EED);
                 io_cmd(&e, phase == 0 ? 0x01 : 0x02, lba, 1, bufs[slot]);
-                submit(&ioq, &e, 0);
+                submit_cid(&ioq, &e, 0, (u16)slot);
                 issued++;
                 inflight++;
                 batch++;
@@ -393,9 +420,18 @@ int main(int cpu, int ncpus, const char *args)
             do {
                 if ((st = reap(&ioq, &cid)))
                     fail(20 + phase, phase == 0 ? "write" : "read", st);
+                if (cid >= IOQ_ENTRIES)
+                    fail(24, "completion for a command never submitted", cid);
                 /* Data is a function of the LBA alone, so every read checks. */
-                if (phase == 1 && !check(bufs[cid % IOQ_ENTRIES], lba_of[cid % IOQ_ENTRIES], 0x5EED))
-                    fail(23, "data mismatch at LBA", (u32)lba_of[cid % IOQ_ENTRIES]);
+                if (phase == 1 && !check(bufs[cid], lba_of[cid], 0x5EED)) {
+                    u64 got = *(u64 *)bufs[cid];
+                    rt_printf("nvme: slot %u lba %lx holds %lx (lba %lx seed %lx)\n", cid,
+                              lba_of[cid], got, got >> 32, got & 0xFFFFFFFF);
+                    fail(23, "data mismatch at LBA", (u32)lba_of[cid]);
+                }
+                if (nlat < MAX_LAT)
+                    lat[nlat++] = rdtsc() - submitted_at[cid];
+                free_slots[nfree++] = cid;
                 inflight--;
                 done++;
             } while (inflight > 0 && (__atomic_load_n(&ioq.cq[ioq.head].status, __ATOMIC_ACQUIRE) & 1) == ioq.phase);
@@ -407,7 +443,7 @@ int main(int cpu, int ncpus, const char *args)
     u64 t_total = rdtsc() - t0;
     rt_printf("nvme: %d I/Os at qd %d in %lu cycles (writes %lu)\n", ios, qd, t_total, t_w);
     if (bench)
-        rt_hypercall(HC_NVME_RESULT, (u64)ios, (u64)qd, t_total, t_w, (u64)use_shadow, 0);
+        rt_hypercall(HC_NVME_RESULT, (u64)ios, (u64)qd, t_total, t_w, (u64)lat, (u64)nlat);
     rt_puts("nvme: ok\n");
     return 0;
 }
