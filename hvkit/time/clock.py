@@ -149,7 +149,7 @@ class SyncReport:
     target: int
     values: list[int]            # IA32_TSC read back per vCPU
     skew_cycles: list[int]       # each vCPU against vCPU 0, corrected for read timing
-    honoured: bool               # whether KVM applied the written value
+    honoured: bool               # the vCPUs read the written value (plus the time since)
 
     @property
     def max_skew(self) -> int:
@@ -260,6 +260,22 @@ def sync_tsc(vcpus: Sequence[Vcpu], target: int | None = None, *, khz: int) -> S
     base_val, base_ns = reads[0]
     skew = [val - base_val - (ns - base_ns) * khz // 1_000_000 for val, ns in reads]
     return SyncReport(target, [r[0] for r in reads], skew, honoured)
+
+
+def tsc_writes_honoured(kvm: Any) -> bool:
+    """Whether this host's KVM applies a host-initiated IA32_TSC write (some
+    nested hosts accept and ignore it). Probed on a scratch VM: a write 2**40
+    cycles ahead must read back at least that far ahead."""
+    vm = kvm.create_vm()
+    try:
+        vcpu = vm.create_vcpu(0)
+        before = vcpu.get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC]
+        target = (before + (1 << 40)) & ((1 << 64) - 1)
+        vcpu.set_msrs({MSR_IA32_TSC: target})
+        after = vcpu.get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC]
+        return 0 <= after - target < 1 << 39
+    finally:
+        vm.close()
 
 
 # -- saved state -----------------------------------------------------------
