@@ -55,7 +55,7 @@ def test_unknown_feature_and_bad_vcpu():
 
 
 def test_gdt_descriptors_decode_to_kvm_segments():
-    code64 = segment_from_descriptor(0x08, GDT[1])
+    code64 = segment_from_descriptor(0x10, GDT[2])
     assert (code64.l, code64.db, code64.g, code64.type, code64.dpl) == (1, 0, 1, 0xB, 0)
     assert code64.limit == 0xFFFFFFFF
     data = segment_from_descriptor(0x18, GDT[3])
@@ -95,3 +95,9 @@ def test_layout_keeps_boot_structures_apart():
     assert spans[-1][0] + spans[-1][1] <= layout.BOOT_STACK_TOP - 16 * layout.BOOT_STACK_SIZE \
         or layout.PD_ADDR + 0x4000 <= layout.BOOT_STACK_TOP
     assert struct.calcsize("<Q") == 8
+
+
+def test_gdt_follows_the_linux_64bit_boot_protocol():
+    from hvkit.arch.x86.modes import SEL_CODE64, SEL_DATA
+    assert (SEL_CODE64, SEL_DATA) == (0x10, 0x18)
+    assert segment_from_descriptor(0x08, GDT[1]).db == 1     # 32-bit code for PVH

@@ -23,9 +23,10 @@ if TYPE_CHECKING:
 
 MODES = ("real", "protected", "long")
 
-# GDT selectors written by write_gdt()
-SEL_CODE64 = 0x08
-SEL_CODE32 = 0x10
+# GDT selectors written by write_gdt(): the 64-bit Linux boot protocol
+# wants CS = 0x10 and DS = ES = SS = 0x18, flat.
+SEL_CODE32 = 0x08
+SEL_CODE64 = 0x10
 SEL_DATA = 0x18
 
 PTE_PRESENT = 1 << 0
@@ -42,8 +43,8 @@ def gdt_entry(base: int, limit: int, access: int, flags: int) -> int:
 
 GDT = (
     0,
-    gdt_entry(0, 0xFFFFF, 0x9B, 0xA),   # 0x08: 64-bit code, DPL0
-    gdt_entry(0, 0xFFFFF, 0x9B, 0xC),   # 0x10: 32-bit code, DPL0
+    gdt_entry(0, 0xFFFFF, 0x9B, 0xC),   # 0x08: 32-bit code, DPL0
+    gdt_entry(0, 0xFFFFF, 0x9B, 0xA),   # 0x10: 64-bit code, DPL0
     gdt_entry(0, 0xFFFFF, 0x93, 0xC),   # 0x18: data, DPL0
 )
 
