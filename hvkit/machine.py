@@ -10,11 +10,15 @@ import os
 
 import threading
 import time
-from typing import IO, Any, Callable
+from typing import IO, TYPE_CHECKING, Any, Callable
 
 from hvkit import _native
 from hvkit.arch.x86 import layout
 from hvkit.arch.x86.cpuid import build_cpuid
+from hvkit.arch.x86.e820 import e820_map
+from hvkit.arch.x86.mptable import write_mptable
+from hvkit.arch.x86.profiles import HostProfile, select_profile
+from hvkit.boot.cmdline import BASE_CMDLINE
 from hvkit.arch.x86.modes import setup_mode
 from hvkit.arch.x86.msrs import boot_msrs
 from hvkit.boot.elf import ElfImage, parse_elf
@@ -39,6 +43,9 @@ from hvkit.kvm.system import Kvm
 from hvkit.kvm.vcpu import MP_STATE_RUNNABLE, Vcpu
 from hvkit.memory.guest import GuestMemory, MemoryRegion
 from hvkit.sizes import parse_size
+
+if TYPE_CHECKING:
+    from hvkit.boot.linux import LinuxBoot
 
 MAX_VCPUS = 64
 PCI_INTX_GSI_BASE = 16      # IOAPIC pins 16-23 carry PCI INTx, by slot
@@ -122,7 +129,22 @@ class MicroVM:
                  memory: int | str = "64M", vcpus: int = 1, args: str = "",
                  console: IO[Any] | int | None = None, hugepages: bool = False,
                  memory_backing: str = "memfd", native_devices: bool = True,
+                 kernel: str | os.PathLike | bytes | None = None,
+                 initrd: str | os.PathLike | bytes | None = None,
+                 cmdline: str | None = None, boot: str = "auto",
+                 host_profile: "str | HostProfile" = "auto",
                  kvm: Kvm | None = None) -> None:
+        """``guest`` is a freestanding ELF (a path or a bundled name); or
+        give ``kernel`` (bzImage or ELF vmlinux), ``initrd`` and ``cmdline``
+        to boot Linux. ``host_profile`` ("auto", "pvm", "none") shapes CPUID
+        and the command line for the host (see hvkit.arch.x86.profiles)."""
+        if (guest is None) == (kernel is None):
+            raise ConfigError("give either a freestanding guest or a Linux kernel, not both"
+                              if guest is not None else "nothing to boot: give a guest or a kernel")
+        self.kernel, self.initrd, self.boot_method = kernel, initrd, boot
+        self.cmdline = BASE_CMDLINE if cmdline is None else cmdline
+        self._profile_choice = host_profile
+        self.linux: "LinuxBoot | None" = None
         self.mem_size = parse_size(memory, "memory")
         if not 1 <= vcpus <= MAX_VCPUS:
             raise ConfigError(f"vcpus must be between 1 and {MAX_VCPUS}, got {vcpus}")
@@ -214,12 +236,18 @@ class MicroVM:
 
         supported = self.kvm.supported_cpuid()
         self.vcpus: list[Vcpu] = []
+        clear: tuple[str, ...] = ()
         for i in range(self.nr_vcpus):
             vcpu = vm.create_vcpu(i)
-            vcpu.set_cpuid2(build_cpuid(supported, i, self.nr_vcpus))
+            if i == 0 and self.kernel is not None:
+                self.profile = select_profile(self._profile_choice, vcpu.get_tsc_khz())
+                clear = self.profile.cpuid_clear
+            vcpu.set_cpuid2(build_cpuid(supported, i, self.nr_vcpus, clear=clear))
             self.vcpus.append(vcpu)
         if self.image is not None:
             self._load_elf()
+        else:
+            self._load_linux()
 
     def add_device(self, bus: Bus, base: int, length: int, device: Device,
                    name: str | None = None) -> None:
@@ -286,6 +314,18 @@ class MicroVM:
         lapic.set(Lapic.LVT_LINT1, APIC_MODE_NMI << 8)
         vcpu.set_lapic(lapic)
 
+    def _load_linux(self) -> None:
+        from hvkit.boot.linux import load_linux
+        self.cmdline = self.profile.apply_cmdline(self.cmdline)
+        self.linux = lb = load_linux(self.memory, self.kernel, self.cmdline, self.initrd,
+                                     e820_map(self.memory), boot=self.boot_method)
+        for vcpu in self.vcpus:
+            self._setup_cpu(vcpu)
+        # The boot vCPU starts at the kernel's entry; the others wait for
+        # the kernel's INIT/SIPI, as on a PC.
+        mode = "long" if lb.mode == "long64" else "protected"
+        setup_mode(self.vcpus[0], self.memory, mode, lb.entry, regs=lb.regs)
+
     def _load_elf(self) -> None:
         image = self.image
         image.load(self.memory)
@@ -305,6 +345,9 @@ class MicroVM:
     def start(self) -> "MicroVM":
         if self.state != "created":
             raise HvkitError(f"cannot start a VM that is {self.state}")
+        if self.linux is not None:
+            # Written last, so it lists the PCI devices added after construction.
+            write_mptable(self.memory, self.nr_vcpus, pci_irqs=self.pci_irqs)
         _install_kick()
         self.state = "running"
         self.started_at = time.monotonic()

@@ -37,12 +37,9 @@ NONE = HostProfile("none")
 
 
 def pvm_profile(tsc_khz: int) -> HostProfile:
-    return HostProfile(
-        "pvm",
-        cmdline=("noxsave", "clearcpuid=cx16,popcnt,smap,ssse3,erms,fsrm",
-                 f"tsc_early_khz={tsc_khz}", "tsc=reliable", "cryptomgr.notests",
-                 "init_on_alloc=0"),
-        cpuid_clear=PVM_CPUID_CLEAR)
+    from hvkit.boot.cmdline import pvm_cmdline
+    return HostProfile("pvm", cmdline=tuple(pvm_cmdline(tsc_khz).split()),
+                       cpuid_clear=PVM_CPUID_CLEAR)
 
 
 def select_profile(choice: "str | HostProfile", tsc_khz: int) -> HostProfile:
