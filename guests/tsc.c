@@ -12,12 +12,12 @@
  *       0x40000010) and "rate: cycles=C host_ns=N" over a window of <ms>.
  *       With exits=1 the loop takes a port exit every ~100 us, so a host in
  *       TSC catch-up mode gets its chances to step the TSC.
- *   mode=ticks src=<pit|host> hz=<rate> irq=<line> ms=<window>
+ *   mode=ticks src=<pit|host|none> hz=<rate> irq=<line> ms=<window>
  *              blackout_ms=<no-exit section> settle_ms=<before it> win_ms=<bucket>
  *       routes the timer through the 8259 PIC (auto-EOI, vectors 32..47),
  *       programs PIT channel 0 at <hz> (src=pit) or unmasks <irq> for a
  *       host-driven tick (src=host), enables interrupts and counts them over
- *       <ms>. Optionally spends <blackout_ms> with interrupts off (code that
+ *       <ms> (src=none: no timer, the baseline for the gap count). Optionally spends <blackout_ms> with interrupts off (code that
  *       takes no exits), then prints
  *       "ticks: n=... ns=... blackout_ns=... during_blackout=... gaps=... stolen=..."
  *       and the count per <win_ms> bucket. gaps counts the times the vCPU
@@ -199,10 +199,13 @@ static void irq_off(void) { rt_kcall(KCALL_SET_IF, 0, 0); }
 
 static int mode_ticks(const char *args)
 {
-    char src_host = 0;
-    for (const char *p = args; *p; p++)
+    char src_host = 0, src_none = 0;
+    for (const char *p = args; *p; p++) {
         if (!rt_strncmp(p, "src=host", 8))
             src_host = 1;
+        if (!rt_strncmp(p, "src=none", 8))
+            src_none = 1;
+    }
     u32 hz = (u32)rt_arg_int(args, "hz", 100);
     u8 irq = (u8)rt_arg_int(args, "irq", 5);
     u64 ms = (u64)rt_arg_int(args, "ms", 2000);
@@ -218,15 +221,17 @@ static int mode_ticks(const char *args)
     u64 khz = calibrate(100);
     rt_printf("calibrated: khz=%lu cpuid_khz=%lu\n", khz, cpuid_khz());
     pic_init(src_host ? irq : 0);
-    if (!src_host)
+    if (src_none)
+        outb(0x21, 0xFF);
+    else if (!src_host)
         pit_start(hz);
     rt_hypercall(HC_TICKS_READY, hz, irq, 0, 0, 0, 0);
     irq_on();
     /* Wait for the first tick so the window starts on the timer's phase. */
     u64 start = rdtsc();
-    while (rt_irq_count == 0 && rdtsc() - start < khz * 2000)
+    while (!src_none && rt_irq_count == 0 && rdtsc() - start < khz * 2000)
         cpu_relax();
-    if (rt_irq_count == 0) {
+    if (!src_none && rt_irq_count == 0) {
         rt_printf("error: no timer interrupt within 2 s\n");
         return 3;
     }

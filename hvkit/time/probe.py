@@ -98,10 +98,11 @@ def measure_ticks(source: str = "host", *, policy: TimerPolicy | None = None,
                   settle_ms: int = 200, win_ms: int = 250, irq: int = HOST_TICK_IRQ,
                   timeout: float = 60) -> TickMeasurement:
     """Boot the probe with a timer at ``policy.hz`` from the in-kernel PIT
-    (``source="pit"``) or a HostTicker (``"host"``), optionally with a
+    (``source="pit"``) or a HostTicker (``"host"``), or none (``"none"``, the
+    baseline for the guest's count of exits), optionally with a
     no-exit section of ``blackout_ms``, and count what the guest receives."""
-    if source not in ("pit", "host"):
-        raise HvkitError(f"timer source must be 'pit' or 'host', got {source!r}")
+    if source not in ("pit", "host", "none"):
+        raise HvkitError(f"timer source must be 'pit', 'host' or 'none', got {source!r}")
     policy = policy or TimerPolicy()
     hz = policy.hz
     if source == "pit" and hz != int(hz):
@@ -113,7 +114,7 @@ def measure_ticks(source: str = "host", *, policy: TimerPolicy | None = None,
         plan = GuestClock(m.vm, khz).apply().plan if khz is not None else None
         if source == "pit":
             apply_pit_policy(m.vm, policy)
-        else:
+        elif source == "host":
             ticker = HostTicker(m.vm, irq, policy, plan)
 
         def ready(call: Any) -> int:

@@ -171,8 +171,9 @@ class HostTicker:
     so host scheduling jitter does not accumulate. A tick is attempted when
     due; if the interrupt controller still holds the previous one (the guest
     has interrupts off), the tick is owed (catchup) or dropped (discard).
-    While owing, ticks go out at up to catchup_factor times the rate, but
-    only after a delivered one: a guest with interrupts off is not hammered.
+    While owing, ticks go out at up to catchup_factor times the rate; after
+    two coalesced attempts in a row the ticker falls back to the nominal
+    period, so a guest with interrupts off is not hammered.
     """
 
     def __init__(self, vm: Vm, irq: int, policy: TimerPolicy, tsc: TscPlan | None = None) -> None:
@@ -222,7 +223,7 @@ class HostTicker:
         period = 1.0 / self.base_hz
         fast = period / self.policy.catchup_factor
         last = -1.0            # when the last attempt was made
-        last_ok = True         # whether it was delivered
+        misses = 0             # coalesced or masked attempts in a row
         st = self._stats
         while not self._stop.is_set():
             now = time.monotonic() - self._t0
@@ -237,10 +238,10 @@ class HostTicker:
             if owed <= 0:
                 wait = due / self.base_hz - now
             else:
-                gap = fast if (owed > 1 and last_ok) else period
+                gap = fast if (owed > 1 and misses < 2) else period
                 wait = 0.0 if last < 0 else last + gap - now
-                if owed == 1 and last >= 0:
-                    wait = min(wait, 0.0) if last_ok else wait
+                if owed == 1 and misses == 0:
+                    wait = min(wait, 0.0)
             if wait > 0:
                 self._stop.wait(min(wait, 0.05))
                 continue
@@ -252,17 +253,17 @@ class HostTicker:
                     st.delivered += 1
                     if owed > 1:
                         st.catchup += 1
-                    last_ok = True
+                    misses = 0
                 elif status == 0:
                     st.coalesced += 1
                     if self.policy.lost_ticks is LostTicks.DISCARD:
                         st.dropped += 1
-                    last_ok = False
+                    misses += 1
                 else:
                     # The guest masked its timer: nothing is owed for that.
                     st.masked += 1
                     st.dropped += 1
-                    last_ok = False
+                    misses += 1
                 st.max_owed = max(st.max_owed, owed - 1)
 
     def __enter__(self) -> "HostTicker":

@@ -54,7 +54,10 @@ def test_host_discard_loses_the_no_exit_section() -> None:
     t = measure_ticks("host", policy=pol, ms=MS, blackout_ms=BLACKOUT_MS)
     assert t.during_blackout == 0
     expected = 100 * (t.host_ns - t.blackout_ns) / 1e9 + 1   # +1: the one held pending
-    assert near(t.ticks, expected, 0.04), (t.ticks, expected, t.windows, t.host)
+    # Discard also drops ticks a loaded host delivers late, so only the lower
+    # bound is loose; either way the section's ~50 ticks are gone for good.
+    assert 0.85 * expected < t.ticks < 1.04 * expected, (t.ticks, expected, t.windows, t.host)
+    assert t.ticks < 0.85 * 100 * t.host_ns / 1e9
     assert t.host is not None and t.host.catchup == 0 and t.host.dropped >= 40
 
 
@@ -63,16 +66,19 @@ def test_pit_reinjection_policy(reinject: bool) -> None:
     pol = TimerPolicy(hz=100, pit_reinject=reinject)
     t = measure_ticks("pit", policy=pol, ms=MS, blackout_ms=BLACKOUT_MS)
     assert t.during_blackout == 0
+    full = 100 * t.host_ns / 1e9
     if reinject:
-        expected = 100 * t.host_ns / 1e9
+        assert near(t.ticks, full, 0.04), (t.ticks, full, t.windows)
     else:
+        # Without reinjection a descheduled vCPU loses ticks too: loose below.
         expected = 100 * (t.host_ns - t.blackout_ns) / 1e9 + 1
-    assert near(t.ticks, expected, 0.04), (reinject, t.ticks, expected, t.windows)
+        assert 0.85 * expected < t.ticks < 1.04 * expected, (t.ticks, expected, t.windows)
+        assert t.ticks < 0.85 * full
 
 
 @pytest.fixture(scope="module")
 def support() -> HostTscSupport:
-    with MicroVM(None, memory="16M") as m:
+    with MicroVM("tsc", memory="16M") as m:
         return HostTscSupport.probe(m.vm)
 
 

@@ -26,12 +26,12 @@ RATE_TOL = 0.005
 
 @pytest.fixture(scope="module")
 def support() -> HostTscSupport:
-    with MicroVM(None, memory="16M") as m:
+    with MicroVM("tsc", memory="16M") as m:
         return HostTscSupport.probe(m.vm)
 
 
 def test_probe_reports_host_rate_and_capabilities(support: HostTscSupport) -> None:
-    with MicroVM(None, memory="16M") as m:
+    with MicroVM("tsc", memory="16M") as m:
         assert m.vcpus[0].get_tsc_khz() == support.host_khz
         assert support.hardware_scaling == (max(m.kvm.check_extension("TSC_CONTROL"),
                                                 m.vm.check_extension("TSC_CONTROL")) > 0)
@@ -72,7 +72,7 @@ def test_below_host_without_scaling_is_refused_naming_host_rate(support: HostTsc
     if support.hardware_scaling:
         pytest.skip("this host scales the TSC in hardware: slower rates are allowed")
     lo, _ = tolerance_bounds(support.host_khz)
-    with MicroVM(None, memory="16M") as m:
+    with MicroVM("tsc", memory="16M") as m:
         with pytest.raises(TscError, match=f"below the host's {support.host_khz} kHz"):
             GuestClock(m.vm, lo - 1)
         # The refusal is KVM's own: the raw ioctl fails the same way.
@@ -107,7 +107,7 @@ def test_vm_scoped_rate_reaches_new_vcpus(support: HostTscSupport, kvm) -> None:
 
 def test_every_vcpu_programmed_and_synchronized(support: HostTscSupport) -> None:
     _, hi = tolerance_bounds(support.host_khz)
-    with MicroVM(None, memory="16M", vcpus=3) as m:
+    with MicroVM("tsc", memory="16M", vcpus=3) as m:
         report = GuestClock(m.vm, hi).apply()
         assert report.vcpu_khz == [hi] * 3
         for v in m.vcpus:             # the CPUID leaves went to every vCPU
@@ -122,14 +122,14 @@ def test_every_vcpu_programmed_and_synchronized(support: HostTscSupport) -> None
 
 def test_saved_state_restores_monotonic(support: HostTscSupport) -> None:
     _, hi = tolerance_bounds(support.host_khz)
-    with MicroVM(None, memory="16M", vcpus=2) as m:
+    with MicroVM("tsc", memory="16M", vcpus=2) as m:
         GuestClock(m.vm, hi).apply()
         honoured = tsc_writes_honoured(m.kvm)
         state = TscState.from_dict(save_tsc_state(m.vm).to_dict())   # through JSON types
         assert [v.khz for v in state.vcpus] == [hi, hi]
         saved_max = max(v.tsc for v in state.vcpus)
     # A new VM stands in for the restored one.
-    with MicroVM(None, memory="16M", vcpus=2) as m:
+    with MicroVM("tsc", memory="16M", vcpus=2) as m:
         report = restore_tsc_state(m.vm, state)
         assert [v.get_tsc_khz() for v in m.vcpus] == [hi, hi]
         assert report.monotonic, (report.values, state.vcpus)
@@ -144,16 +144,16 @@ def test_saved_state_restores_monotonic(support: HostTscSupport) -> None:
 
 
 def test_restore_refuses_state_missing_a_vcpu() -> None:
-    with MicroVM(None, memory="16M", vcpus=1) as m:
+    with MicroVM("tsc", memory="16M", vcpus=1) as m:
         state = save_tsc_state(m.vm)
-    with MicroVM(None, memory="16M", vcpus=2) as m:
+    with MicroVM("tsc", memory="16M", vcpus=2) as m:
         with pytest.raises(ConfigError, match=r"no entry for vCPU\(s\) \[1\]"):
             restore_tsc_state(m.vm, state)
 
 
 def test_ia32_tsc_writes_report_matches_host(support: HostTscSupport) -> None:
     """Honest reporting: the probe's answer is what a direct write shows."""
-    with MicroVM(None, memory="16M") as m:
+    with MicroVM("tsc", memory="16M") as m:
         honoured = tsc_writes_honoured(m.kvm)
         v = m.vcpus[0]
         target = (1 << 50)
