@@ -356,7 +356,7 @@ class RestoreReport:
 
     target_tsc: int
     values: list[int]
-    honoured: bool           # KVM applied the TSC value we wrote
+    honoured: bool           # the vCPUs read the target (plus the time since the write)
     monotonic: bool          # no vCPU reads less than it had when saved
     elapsed_ns: int
 
