@@ -14,6 +14,30 @@ def test_exit_port_reports_code():
     assert codes == [300]
 
 
+def test_i8042_answers_linux_probe_commands():
+    kbd = I8042(lambda: None)
+    kbd.write(4, b"\x20")
+    assert kbd.read(4, 1)[0] & 0x01 and kbd.read(0, 1) == b"\x20"   # config, AUX off
+    kbd.write(4, b"\x60")
+    kbd.write(0, b"\x47")
+    kbd.write(4, b"\x20")
+    assert kbd.read(0, 1) == b"\x47"
+    kbd.write(4, b"\xd3")
+    kbd.write(0, b"\x5a")                   # AUX loopback comes back as AUX data
+    assert kbd.read(4, 1)[0] & 0x21 == 0x21
+    assert kbd.read(0, 1) == b"\x5a"
+    assert not kbd.read(4, 1)[0] & 0x01     # nothing left: no spinning on stale data
+    assert kbd.read(4, 1)[0] & 0x10         # keyboard not inhibited
+
+
+def test_i8042_output_port_reset():
+    resets = []
+    kbd = I8042(lambda: resets.append(1))
+    kbd.write(4, b"\xd1")
+    kbd.write(0, b"\xfe")                   # bit 0 low: reset
+    assert resets == [1]
+
+
 def test_i8042_reset_line():
     resets = []
     kbd = I8042(lambda: resets.append(1))
