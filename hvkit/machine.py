@@ -184,6 +184,9 @@ class MicroVM:
         self.pci: PciBus | None = None
         self.pci_irqs: list[tuple[int, int, int]] = []
         self._attachments: list[Any] = []
+        #: called with the VM just before its vCPUs start, and after it stops
+        self.before_start: list[Callable[["MicroVM"], None]] = []
+        self.after_stop: list[Callable[["MicroVM"], None]] = []
         self.bar_listeners: list[Callable[[PciDevice, int, int | None, int | None], None]] = []
         try:
             self._build(hugepages, memory_backing)
@@ -348,6 +351,8 @@ class MicroVM:
         if self.linux is not None:
             # Written last, so it lists the PCI devices added after construction.
             write_mptable(self.memory, self.nr_vcpus, pci_irqs=self.pci_irqs)
+        for hook in list(self.before_start):
+            hook(self)
         _install_kick()
         self.state = "running"
         self.started_at = time.monotonic()
@@ -369,6 +374,7 @@ class MicroVM:
         for t in self._threads:
             t.join()
         self.state = "stopped"
+        self._run_after_stop()
         if self.error is not None:
             raise self.error
         return self.exit_code if self.exit_code is not None else 0
@@ -416,6 +422,11 @@ class MicroVM:
     @property
     def console_output(self) -> bytes:
         return self.console.getvalue()
+
+    def _run_after_stop(self) -> None:
+        hooks, self.after_stop = list(self.after_stop), []
+        for hook in hooks:
+            hook(self)
 
     def _exited(self) -> int:
         return sum(1 for t in self._threads if not t.is_alive())
@@ -542,6 +553,7 @@ class MicroVM:
         self._closed = True
         if self._threads and any(t.is_alive() for t in self._threads):
             self.stop()
+        self._run_after_stop()
         items: list[object] = []
         for att in self._attachments:
             att.close()

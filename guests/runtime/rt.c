@@ -193,7 +193,9 @@ void rt_bp(struct bp_regs *r)
 {
     if (r->rax == KCALL_MAGIC && r->rdi < RT_KCALLS && rt_kcalls[r->rdi]) {
         r->rax = rt_kcalls[r->rdi](r->rsi, r->rdx);
-        r->rflags |= 3ul << 12;   /* keep IOPL 3: some hosts clear it on iretq */
+        /* Nested PVM hosts clear IOPL on this iretq whatever the frame says,
+         * so CPL3 code must not rely on it afterwards (no sti/cli); port I/O
+         * keeps working through the TSS I/O bitmap. */
         return;
     }
     /* A real breakpoint (or a bad kernel call): report it like any fault.
