@@ -25,10 +25,19 @@ BOOT_MODES = ("long64", "pvh32")
 class LinuxBoot:
     """How to start the boot vCPU after a Linux loader has filled memory.
 
-    ``mode`` is ``"long64"`` (bzImage: 64-bit mode, identity page tables,
-    ``rip``/``rsi`` from ``regs``) or ``"pvh32"`` (PVH: 32-bit protected mode,
-    flat segments, paging off, ``rip``/``rbx`` from ``regs``). The addresses
-    say what was put where, for logs and tests.
+    ``mode`` is one of:
+
+    - ``"long64"`` (bzImage, boot.rst "64-bit Boot Protocol"): 64-bit mode,
+      paging on with an identity map covering the kernel (``kernel_start``
+      to ``kernel_end``), the zero page and the command line; a GDT with
+      flat 4 GiB descriptors for selectors 0x10 (code, CS) and 0x18 (data:
+      DS, ES, SS); interrupts off; ``rip``/``rsi`` from ``regs``.
+    - ``"pvh32"`` (PVH, Xen's docs/misc/pvh.pandoc): 32-bit protected mode,
+      CR0.PE=1 and PG=0, CR4=0, flat 4 GiB 32-bit code and data segments,
+      EFLAGS.IF and VM clear, TR a 32-bit TSS (base 0, limit 0x67);
+      ``rip``/``rbx`` from ``regs``.
+
+    The addresses say what was put where, for logs and tests.
     """
 
     mode: str
