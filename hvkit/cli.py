@@ -25,11 +25,25 @@ def _forward_stdin(vm) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from hvkit.errors import ConfigError
     from hvkit.machine import MicroVM
+    if (args.guest is None) == (args.kernel is None):
+        raise ConfigError("give a guest ELF or --kernel, not both" if args.guest
+                          else "nothing to boot: give a guest ELF or --kernel")
+    if args.kernel is None and (args.initrd or args.cmdline is not None):
+        raise ConfigError("--initrd and --cmdline go with --kernel")
+    what = args.guest or args.kernel
     if args.verbose:
-        print(f"hvkit: booting {args.guest} ({args.memory}, {args.vcpus} vCPU)", file=sys.stderr)
-    with MicroVM(args.guest, memory=args.memory, vcpus=args.vcpus, args=args.args or "",
-                 console=sys.stdout) as vm:
+        print(f"hvkit: booting {what} ({args.memory}, {args.vcpus} vCPU)", file=sys.stderr)
+    kwargs = dict(memory=args.memory, vcpus=args.vcpus, console=sys.stdout)
+    if args.kernel:
+        kwargs.update(kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
+                      boot=args.boot, host_profile=args.host_profile)
+    else:
+        kwargs.update(args=args.args or "")
+    with MicroVM(args.guest, **kwargs) as vm:
+        if args.verbose and args.kernel:
+            print(f"hvkit: command line: {vm.cmdline}", file=sys.stderr)
         vm.start()
         if args.input:
             threading.Thread(target=_forward_stdin, args=(vm,), daemon=True).start()
@@ -81,10 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    run = sub.add_parser("run", help="boot a guest and stream its console",
+    run = sub.add_parser("run", help="boot a guest or a Linux kernel and stream its console",
                          description="Boot a freestanding ELF guest (a path, or the name of a "
-                                     "bundled guest such as 'hello'); exits with the guest's code.")
-    run.add_argument("guest", help="guest ELF path or bundled guest name")
+                                     "bundled guest such as 'hello'), or a Linux kernel with "
+                                     "--kernel; exits with the guest's code.")
+    run.add_argument("guest", nargs="?", help="guest ELF path or bundled guest name")
+    run.add_argument("--kernel", "-k", help="Linux bzImage or ELF vmlinux (PVH)")
+    run.add_argument("--initrd", help="initramfs for --kernel")
+    run.add_argument("--cmdline", help="kernel command line (default: serial console, "
+                                       "reboot ends the VM)")
+    run.add_argument("--boot", choices=("auto", "pvh", "bzimage"), default="auto",
+                     help="how to enter the kernel (auto: by format)")
+    run.add_argument("--host-profile", choices=("auto", "pvm", "none"), default="auto",
+                     help="CPUID and command-line shaping for this host (default: detect)")
     run.add_argument("--memory", "-m", default="64M", help="guest RAM (default 64M)")
     run.add_argument("--vcpus", "-c", type=int, default=1, help="number of vCPUs (default 1)")
     run.add_argument("--timeout", "-t", type=float, default=None, help="stop after S seconds")
@@ -103,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from hvkit.storage.cli import add_disk_commands
     add_disk_commands(sub)
+    from hvkit.boot.initramfs_cli import add_initramfs_command
+    add_initramfs_command(sub)
     return p
 
 
