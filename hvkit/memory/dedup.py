@@ -53,7 +53,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from hvkit.devices.hypercall import Call, HypercallError
 from hvkit.errors import ConfigError, HvkitError
@@ -408,13 +408,3 @@ class GuestGate:
             self._closed = True
             self._cond.notify_all()
 
-
-def probe_window(dedup: Dedup, probe: ksm.KsmPageProbe, gpa: int, npages: int) -> list[bool]:
-    """KSM status of guest pages [gpa, +npages) inside the window."""
-    return probe.ksm_pages(dedup.host_address(gpa), npages)
-
-
-def describe(dedup: Dedup) -> dict[str, Any]:
-    st = dedup.stats()
-    return {"window_gpa": dedup.gpa, "window_size": dedup.size, **st.__dict__,
-            "ksm": ksm.read_stats().__dict__ if dedup.ksm_status.available else None}

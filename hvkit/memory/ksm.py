@@ -19,6 +19,7 @@ is the host side hvkit needs to use it honestly:
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 import struct
@@ -39,6 +40,9 @@ PM_PFN_MASK = (1 << 55) - 1
 
 # The knobs KsmTuning may change (others are left to the administrator).
 TUNABLES = ("run", "pages_to_scan", "sleep_millisecs")
+# Held while a KsmTuning is active, so that two processes tuning at once
+# cannot restore each other's values and leave the host changed.
+TUNING_LOCK = "/run/lock/hvkit-ksm-tuning.lock"
 
 
 class KsmError(HvkitError):
@@ -176,11 +180,16 @@ class KsmTuning:
 
     ``run`` defaults to 1 (ksmd scanning). The previous values are read
     before anything is written, and restored even if the block raises.
+    Tunings in different processes take turns (a lock file, waited on for
+    up to ``lock_timeout`` s); they do not nest within one process.
     """
 
     def __init__(self, *, run: int | None = 1, pages_to_scan: int | None = None,
-                 sleep_millisecs: int | None = None, ksm_dir: str = KSM_DIR) -> None:
+                 sleep_millisecs: int | None = None, ksm_dir: str = KSM_DIR,
+                 lock_timeout: float = 300.0) -> None:
         self.ksm_dir = ksm_dir
+        self.lock_timeout = lock_timeout
+        self._lock_fd = -1
         self.values: dict[str, int] = {}
         for name, value in (("run", run), ("pages_to_scan", pages_to_scan),
                             ("sleep_millisecs", sleep_millisecs)):
@@ -202,8 +211,39 @@ class KsmTuning:
         except OSError as exc:
             raise KsmError(f"cannot write {value} to {path}: {exc.strerror}") from exc
 
+    def _acquire(self) -> None:
+        path = TUNING_LOCK if os.path.isdir(os.path.dirname(TUNING_LOCK)) else \
+            os.path.join("/tmp", os.path.basename(TUNING_LOCK))
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + self.lock_timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise KsmError(f"another process has held the KSM tuning lock {path} "
+                                   f"for over {self.lock_timeout} s") from None
+                time.sleep(0.05)
+        self._lock_fd = fd
+
+    def _release(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)   # closing drops the flock
+            self._lock_fd = -1
+
     def __enter__(self) -> "KsmTuning":
         require_ksm(self.ksm_dir)
+        self._acquire()
+        try:
+            self._save_and_apply()
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def _save_and_apply(self) -> None:
         for name in self.values:
             value = _read_int(os.path.join(self.ksm_dir, name))
             if value is None:
@@ -216,10 +256,10 @@ class KsmTuning:
         except BaseException:
             self.restore()
             raise
-        return self
 
     def restore(self) -> None:
-        """Put back the values found on entry (run last)."""
+        """Put back the values found on entry (run first: ksmd stops before
+        its rate changes back)."""
         errors = []
         for name in sorted(self.saved, key=lambda n: n != "run"):
             try:
@@ -231,7 +271,10 @@ class KsmTuning:
             raise KsmError("; ".join(errors))
 
     def __exit__(self, *exc: object) -> None:
-        self.restore()
+        try:
+            self.restore()
+        finally:
+            self._release()
 
 
 def madvise(mapping: mmap.mmap, offset: int, length: int, advice: int) -> None:

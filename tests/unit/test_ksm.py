@@ -100,3 +100,20 @@ def test_probe_sees_exactly_the_marked_pages_merge():
     finally:
         a.close()
         b.close()
+
+
+@needs_root_ksm
+def test_a_second_process_cannot_tune_while_one_does():
+    import subprocess
+    import sys
+    code = ("import sys\nfrom hvkit.memory import ksm\n"
+            "try:\n    ksm.KsmTuning(pages_to_scan=1234, lock_timeout=0.3).__enter__()\n"
+            "except ksm.KsmError as e:\n    print(e); sys.exit(3)\n")
+    before = ksm.read_stats()
+    with ksm.KsmTuning(pages_to_scan=before.pages_to_scan + 1):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=30)
+        assert r.returncode == 3, r.stdout + r.stderr
+        assert "tuning lock" in r.stdout
+        assert ksm.read_stats().pages_to_scan == before.pages_to_scan + 1
+    assert ksm.read_stats().pages_to_scan == before.pages_to_scan
