@@ -254,9 +254,10 @@ def load_bzimage(memory: "GuestMemory", kernel: bytes | str | os.PathLike, cmdli
     check_e820(memory, e820)
     protected = memoryview(data)[hdr.setup_size:]
     load_addr = choose_load_addr(hdr)
-    # The decompressor needs init_size bytes from where it runs (at least
-    # the load address, at least pref_address for a relocatable kernel).
-    run_addr = max(load_addr, hdr.pref_address if hdr.relocatable else load_addr)
+    # The decompressor needs init_size bytes from where it decompresses to:
+    # the load address or pref_address (LOAD_PHYSICAL_ADDR), whichever is
+    # higher; a non-relocatable kernel loaded at 1 MiB still runs at 16 MiB.
+    run_addr = max(load_addr, hdr.pref_address)
     kernel_end = max(load_addr + len(protected), run_addr + hdr.init_size)
     if not memory.contains(load_addr, kernel_end - load_addr):
         raise GuestLoadError(

@@ -135,7 +135,11 @@ def test_bzimage_non_relocatable_loads_at_code32_start(mem):
     boot = load_bzimage(mem, make_bzimage(relocatable=False), "x", None, e820_for(mem))
     assert boot.kernel_start == 0x100000
     assert boot.entry == 0x100200
+    # it decompresses at pref_address (16 MiB): the initrd must stay clear of that
+    assert boot.kernel_end == 0x1000000 + 0x400000
     assert boot.initrd_addr == 0 and boot.initrd_size == 0
+    boot = load_bzimage(mem, make_bzimage(relocatable=False), "x", b"r" * 100, e820_for(mem))
+    assert boot.initrd_addr >= 0x1400000
 
 
 def test_bzimage_initrd_respects_initrd_addr_max(mem):
