@@ -132,6 +132,9 @@ def parse_setup_header(data: bytes, name: str = "bzImage") -> SetupHeader:
             f"{name}: boot protocol {version >> 8}.{version & 0xFF} is too old; the 64-bit "
             f"entry needs 2.12 or later (Linux 3.8+)")
     header_end = OFF_HEADER + data[OFF_JUMP + 1]
+    if header_end > 0x290:
+        raise GuestLoadError(f"{name}: setup header claims to end at {header_end:#x}, past "
+                             f"its room in boot_params (0x290)")
     if header_end < OFF_XLOADFLAGS + 2 or len(data) < max(header_end, OFF_CMDLINE_SIZE + 4):
         raise GuestLoadError(f"{name}: setup header is truncated (ends at {header_end:#x})")
     # Fields past the header's declared end read as zero.

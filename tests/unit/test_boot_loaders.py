@@ -170,6 +170,10 @@ def test_bzimage_refuses_what_does_not_fit(mem):
         load_bzimage(mem, make_bzimage(), "a" * 3000, None, e820_for(mem))
     with pytest.raises(GuestLoadError, match="ELF file"):
         load_bzimage(mem, make_elf(), "", None, e820_for(mem))
+    bad = bytearray(make_bzimage())
+    bad[0x201] = 0xF0
+    with pytest.raises(GuestLoadError, match="past its room"):
+        load_bzimage(mem, bytes(bad), "", None, e820_for(mem))
     with pytest.raises(GuestLoadError, match="too short"):
         load_bzimage(mem, b"\0" * 100, "", None, e820_for(mem))
 
