@@ -146,7 +146,7 @@ def process_stat(pid: int | str = "self") -> dict[str, int | str]:
         return out
     for line in lines:
         key, _, value = line.partition(" ")
-        value = value.strip()
+        key, value = key.rstrip(":"), value.strip()
         try:
             out[key] = int(value)
         except ValueError:
