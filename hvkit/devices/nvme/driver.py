@@ -163,14 +163,22 @@ class HostDriver:
                 time.sleep(0.0002)
         return out
 
+    def poll(self, qid: int) -> list[Completion]:
+        """The completions posted on ``qid`` so far, without waiting (a
+        guest's busy-polling loop; the CQ head doorbell is rung if any)."""
+        return self._poll_cq(self.queues[qid])
+
     def _poll_cq(self, q: HostQueue) -> list[Completion]:
         out = []
         old = q.cq_head
         while True:
-            raw = self.mem.read(q.cq_gpa + q.cq_head * S.CQE_SIZE, S.CQE_SIZE)
-            dw0, _r, sqhd, sqid, dw3 = struct.unpack("<IIHHI", raw)
+            entry = q.cq_gpa + q.cq_head * S.CQE_SIZE
+            # the phase dword first, the body after it (as a guest does with
+            # an acquire load): the controller stores the body first
+            dw3 = self.mem.read_u32(entry + 12)
             if (dw3 >> 16) & 1 != q.phase:
                 break
+            dw0, _r, sqhd, sqid = struct.unpack("<IIHH", self.mem.read(entry, 12))
             status = dw3 >> 17
             out.append(Completion(dw0, sqhd, sqid, dw3 & 0xFFFF, status & 0x7FF, bool(status >> 14)))
             self.queues.get(sqid, q).outstanding.discard(dw3 & 0xFFFF)

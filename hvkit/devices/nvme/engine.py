@@ -14,11 +14,22 @@ Control page layout (8 KiB):
   [0, 4096)     doorbell mirror: SQ y tail at 8y, CQ y head at 8y + 4
   [4096, 8192)  state: counters (8 x u64) then, at 64 + 16 * qid,
                 sq_head u32, cq_tail u32, cq_phase u32, reserved u32
+
+Memory that another party reads while we write it (completion entries and
+shadow doorbells in guest RAM, the control page) is written and read one
+naturally aligned word at a time, each word in a single load or store
+(``store_u32`` and friends), never with ``struct.pack_into``: that zeroes
+its destination before it fills it in byte by byte, so a concurrent reader
+can see a zero, or a value made of old and new bytes. A completion dword
+seen as zero is a successful completion of command 0 whenever the host
+expects phase 0; a doorbell mirror seen as zero or torn is an SQ tail the
+guest never wrote, so entries past the real tail would be fetched.
 """
 from __future__ import annotations
 
 import logging
 import struct
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -40,6 +51,38 @@ MAX_QID = (CTRL_PAGE_SIZE - QUEUE_STATE_BASE) // QUEUE_STATE_SIZE - 1   # 251
 
 _U32 = struct.Struct("<I")
 _CQE_LOW = struct.Struct("<IIHH")
+_LITTLE = sys.byteorder == "little"
+
+
+def _le(value: int, size: int) -> int:
+    """``value`` as a native word whose bytes in memory are little-endian."""
+    return value if _LITTLE else int.from_bytes(value.to_bytes(size, "little"), sys.byteorder)
+
+
+# A memoryview item assignment or read of format "I"/"Q" is a fixed-size
+# memcpy in CPython, i.e. one load or store, atomic for an aligned word; the
+# views below live for one statement so that they never pin the mapping.
+
+def store_u32(buf, offset: int, value: int) -> None:
+    """Store a little-endian u32 at ``offset`` (4-aligned) in one store."""
+    with memoryview(buf)[offset:offset + 4] as raw, raw.cast("I") as word:
+        word[0] = _le(value & 0xFFFF_FFFF, 4)
+
+
+def load_u32(buf, offset: int) -> int:
+    """Load a little-endian u32 at ``offset`` (4-aligned) in one load."""
+    with memoryview(buf)[offset:offset + 4] as raw, raw.cast("I") as word:
+        return _le(word[0], 4)
+
+
+def store_u64(buf, offset: int, value: int) -> None:
+    with memoryview(buf)[offset:offset + 8] as raw, raw.cast("Q") as word:
+        word[0] = _le(value & 0xFFFF_FFFF_FFFF_FFFF, 8)
+
+
+def load_u64(buf, offset: int) -> int:
+    with memoryview(buf)[offset:offset + 8] as raw, raw.cast("Q") as word:
+        return _le(word[0], 8)
 
 #: executor(sqid, command) -> (status, dw0), or None if it completes later
 Executor = Callable[[int, Command], Optional[tuple[int, int]]]
@@ -160,24 +203,30 @@ class QueueEngine:
     # -- doorbells ----------------------------------------------------------------
 
     def mirror_set(self, qid: int, cq: bool, value: int) -> None:
-        """Record an MMIO doorbell write (the VMM's side only)."""
-        _U32.pack_into(self.page, 8 * qid + (4 if cq else 0), value)
+        """Record an MMIO doorbell write (the VMM's side only; the
+        accelerator reads it meanwhile, so one store)."""
+        store_u32(self.page, 8 * qid + (4 if cq else 0), value)
 
     def mirror_get(self, qid: int, cq: bool) -> int:
-        return _U32.unpack_from(self.page, 8 * qid + (4 if cq else 0))[0]
+        return load_u32(self.page, 8 * qid + (4 if cq else 0))
 
     def _shadow_read(self, base: int, qid: int, cq: bool) -> int | None:
         try:
-            return self.mem.read_u32(base + 4 * (2 * qid + (1 if cq else 0)))
+            view = self.mem.view(base + 4 * (2 * qid + (1 if cq else 0)), 4)
         except GuestMemoryError:
             self.shadow_errors += 1
             return None
+        with view:
+            return load_u32(view, 0)
 
     def _shadow_write(self, base: int, qid: int, cq: bool, value: int) -> None:
         try:
-            self.mem.write_u32(base + 4 * (2 * qid + (1 if cq else 0)), value)
+            view = self.mem.view(base + 4 * (2 * qid + (1 if cq else 0)), 4)
         except GuestMemoryError:
             self.shadow_errors += 1
+            return
+        with view:
+            store_u32(view, 0, value)
 
     def _doorbell(self, qid: int, cq: bool) -> int | None:
         if self.dbbuf is not None and qid:
@@ -300,13 +349,14 @@ class QueueEngine:
         except GuestMemoryError:
             log.warning("CQ %d ring at %#x is outside guest RAM", cqid, cq.gpa)
             return False
-        try:
+        with view:
+            # the host ignores the body until the phase bit flips
             _CQE_LOW.pack_into(view, 0, dw0 & 0xFFFF_FFFF, 0, sqhd, sqid)
-            # the dword with the phase bit goes last, so the guest never sees
-            # a new phase with a stale body
-            _U32.pack_into(view, 12, cid | cq.phase << 16 | (status & 0x7FFF) << 17)
-        finally:
-            view.release()
+            # the dword with the phase bit goes last, so the host never sees
+            # a new phase with a stale body, and in one store: the host polls
+            # it from another CPU, and an intermediate value (pack_into zeroes
+            # first) reads as a completion, of command 0 when phase is 0
+            store_u32(view, 12, (cid & 0xFFFF) | cq.phase << 16 | (status & 0x7FFF) << 17)
         cq.tail += 1
         if cq.tail == cq.size:
             cq.tail = 0
@@ -343,17 +393,18 @@ class QueueEngine:
         sq = self.sqs.get(qid)
         cq = self.cqs.get(qid)
         if sq is not None:
-            struct.pack_into("<I", self.page, off, sq.head)
+            store_u32(self.page, off, sq.head)
         if cq is not None:
-            struct.pack_into("<II", self.page, off + 4, cq.tail, cq.phase)
+            store_u32(self.page, off + 4, cq.tail)
+            store_u32(self.page, off + 8, cq.phase)
 
     def _bump(self, name: str, n: int = 1) -> None:
         off = STATE_BASE + 8 * COUNTERS.index(name)
-        struct.pack_into("<Q", self.page, off, struct.unpack_from("<Q", self.page, off)[0] + n)
+        store_u64(self.page, off, load_u64(self.page, off) + n)
 
     def publish_counters(self, values: dict[str, int]) -> None:
         for name, value in values.items():
-            struct.pack_into("<Q", self.page, STATE_BASE + 8 * COUNTERS.index(name), value)
+            store_u64(self.page, STATE_BASE + 8 * COUNTERS.index(name), value)
 
     def recover(self) -> None:
         """After a restart: the dead process may have posted completions
@@ -387,8 +438,9 @@ class QueueEngine:
 
 def read_queue_state(page: memoryview, qid: int) -> tuple[int, int, int]:
     """(sq_head, cq_tail, cq_phase) as last published for ``qid``."""
-    return struct.unpack_from("<III", page, QUEUE_STATE_BASE + QUEUE_STATE_SIZE * qid)
+    off = QUEUE_STATE_BASE + QUEUE_STATE_SIZE * qid
+    return load_u32(page, off), load_u32(page, off + 4), load_u32(page, off + 8)
 
 
 def read_counters(page: memoryview) -> dict[str, int]:
-    return dict(zip(COUNTERS, struct.unpack_from(f"<{len(COUNTERS)}Q", page, STATE_BASE)))
+    return {name: load_u64(page, STATE_BASE + 8 * i) for i, name in enumerate(COUNTERS)}
