@@ -32,7 +32,7 @@ import time
 from hvkit.machine import MicroVM
 from hvkit.storage.raw import RawFileBackend
 
-HC_RESULT, HC_START = 0x1100, 0x1101
+HC_RESULT, HC_START = 0x1200, 0x1201
 MODES = {"a_mmio": "mmio", "b_ioeventfd": "ioeventfd", "c_shadow": "shadow"}
 
 

@@ -7,8 +7,8 @@
  *   ios=N      number of I/Os in the data phase (default 256)
  *   qd=N       queue depth (1..63, default 1)
  *   bench=1    random 4 KiB I/O: half writes then half reads, timed with the
- *              TSC; hypercall 0x1101 marks the start of the timed phase and
- *              0x1100 reports (ios, qd, cycles, write cycles, address and
+ *              TSC; hypercall 0x1201 marks the start of the timed phase and
+ *              0x1200 reports (ios, qd, cycles, write cycles, address and
  *              count of per-I/O latencies in cycles). Every read is
  *              checked: the data written to an LBA is a function of the LBA.
  *   lbas=N     size of the range used, in 4 KiB pages (default 4096)
@@ -19,8 +19,8 @@
 #define PAGE 4096
 #define ASQ_ENTRIES 32
 #define IOQ_ENTRIES 64
-#define HC_NVME_RESULT 0x1100
-#define HC_NVME_START 0x1101
+#define HC_NVME_RESULT 0x1200
+#define HC_NVME_START 0x1201
 #define MAX_LAT 65536
 
 struct sqe {

@@ -420,6 +420,16 @@ class MicroVM:
         self.serial.feed(data.encode() if isinstance(data, str) else data)
 
     @property
+    def stopping(self) -> bool:
+        """True once the VM has begun to stop (guest exit, error, stop())."""
+        return self._stopping
+
+    @property
+    def finished(self) -> threading.Event:
+        """Set when the VM has stopped running guest code."""
+        return self._finished
+
+    @property
     def console_output(self) -> bytes:
         return self.console.getvalue()
 
