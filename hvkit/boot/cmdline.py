@@ -109,3 +109,31 @@ def write_cmdline(memory: "GuestMemory", gpa: int, cmdline: str, max_len: int) -
     raw = encode_cmdline(cmdline, max_len)
     memory.write(gpa, raw)
     return len(raw)
+
+
+def host_tsc_khz(cpuinfo: str = "/proc/cpuinfo") -> int:
+    """The host TSC frequency in kHz as this host's kernel measured it
+    ("cpu MHz" in /proc/cpuinfo; 2596096 on the PVM machines). A guest on a
+    PVM-based KVM sees this raw TSC, so it is what tsc_early_khz should say."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("cpu MHz"):
+                    return int(round(float(line.split(":", 1)[1]) * 1000))
+    except (OSError, ValueError):
+        pass
+    raise GuestLoadError(f"cannot read the TSC frequency from {cpuinfo} ('cpu MHz')")
+
+
+def recommended_cmdline(extra: str = "", *, flavor: str | None = None,
+                        tsc_khz: int | None = None) -> str:
+    """The command line hvkit boots Linux guests with on this host: the base
+    options, the PVM options when KVM here is PVM-based, then ``extra``."""
+    if flavor is None:
+        from hvkit.host import kvm_flavor
+        flavor = kvm_flavor()
+    parts = [BASE_CMDLINE]
+    if flavor == "pvm":
+        parts.append(pvm_cmdline(tsc_khz or host_tsc_khz()))
+    parts.append(extra)
+    return join_cmdline(*parts)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from hvkit.boot.cmdline import (BASE_CMDLINE, encode_cmdline, join_cmdline, pvm_cmdline,
+from hvkit.boot.cmdline import (BASE_CMDLINE, encode_cmdline, host_tsc_khz, join_cmdline,
+                                pvm_cmdline, recommended_cmdline,
                                 split_cmdline, write_cmdline)
 from hvkit.errors import GuestLoadError
 from hvkit.memory.guest import GuestMemory
@@ -44,3 +45,19 @@ def test_write_cmdline_bounds():
     assert mem.read(0x1000, 14) == b"console=ttyS0\0"
     with pytest.raises(Exception):
         write_cmdline(mem, (1 << 20) - 4, "too long for the end", 64)
+
+
+def test_host_tsc_khz_parses_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC\ncpu MHz\t\t: 2596.096\n")
+    assert host_tsc_khz(str(info)) == 2596096
+    (tmp_path / "empty").write_text("processor\t: 0\n")
+    with pytest.raises(GuestLoadError, match="cpu MHz"):
+        host_tsc_khz(str(tmp_path / "empty"))
+
+
+def test_recommended_cmdline_by_flavor():
+    assert recommended_cmdline("quiet", flavor="bare") == "console=ttyS0 reboot=k panic=-1 quiet"
+    line = recommended_cmdline("quiet", flavor="pvm", tsc_khz=2596096)
+    assert line.startswith("console=ttyS0 reboot=k panic=-1 noxsave ")
+    assert "tsc_early_khz=2596096" in line and line.endswith(" pvm_quirks quiet")
