@@ -428,3 +428,22 @@ def test_bar_move_moves_the_doorbells(rig):
     assert rig.ctrl.doorbell_address(1, True) == 0xE000_100C
     addrs = rig.ctrl.ioeventfd_doorbells()
     assert addrs[0] == (0xE000_1008, 4) and len(addrs) == 2 * 16
+
+
+def test_identify_controller_asks_for_no_host_memory_buffer():
+    """WCTEMP/CCTEMP sit at bytes 266-269; a shifted write once landed in
+    HMPRE and made Linux try to give the controller a host memory buffer."""
+    import struct as _s
+
+    from hvkit.devices.nvme.controller import NvmeController
+    from hvkit.memory.guest import GuestMemory
+    from hvkit.storage.raw import RawFileBackend
+    import tempfile, os
+    d = tempfile.mkdtemp()
+    be = RawFileBackend.create(os.path.join(d, "d.img"), 1 << 20)
+    with GuestMemory.create(1 << 20) as mem:
+        ident = NvmeController(mem, [be]).identify_controller()
+    be.close()
+    wctemp, cctemp, mtfa, hmpre, hmmin = _s.unpack_from("<HHHII", ident, 266)
+    assert (wctemp, cctemp) == (343, 358)
+    assert hmpre == 0 and hmmin == 0

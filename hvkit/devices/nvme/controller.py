@@ -518,7 +518,7 @@ class NvmeController(PciDevice):
         out[0x105] = 0x00                            # LPA
         out[0x106] = ELPE
         out[0x107] = 0                               # NPSS: one power state
-        struct.pack_into("<HH", out, 0x10E, 343, 358)    # WCTEMP, CCTEMP
+        struct.pack_into("<HH", out, 0x10A, 343, 358)    # WCTEMP, CCTEMP (HMPRE at 0x110 stays 0)
         out[0x200] = S.SQES_LOG2 << 4 | S.SQES_LOG2   # SQES max/min
         out[0x201] = S.CQES_LOG2 << 4 | S.CQES_LOG2
         struct.pack_into("<HI", out, 0x202, 0, self.nn)           # MAXCMD, NN
