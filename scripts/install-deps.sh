@@ -4,9 +4,13 @@
 #   bash scripts/install-deps.sh --test   plus what the whole test suite needs
 set -euo pipefail
 
-packages=(build-essential make gcc linux-libc-dev python3 python3-dev python3-venv python3-pip)
+packages=(build-essential make gcc linux-libc-dev python3 python3-dev python3-venv python3-pip
+          busybox-static)
 if [[ "${1:-}" == "--test" ]]; then
-    packages+=(qemu-utils)
+    # the hvkit guest kernel's source and build tools, Debian's stock kernel
+    # (booted by the tests), qemu-img/qemu-io for the storage tests
+    packages+=(linux-source-6.1 bc flex bison libelf-dev libssl-dev xz-utils
+               linux-image-cloud-amd64 qemu-utils)
 fi
 
 missing=()

@@ -274,13 +274,18 @@ def init_script(*, marker: str = MARKER, commands: Sequence[str] = (),
         lines += [
             f'run=$(sed -n \'s/.*{run_cmdline_arg}="\\([^"]*\\)".*/\\1/p; t; '
             f's/.*{run_cmdline_arg}=\\([^ ]*\\).*/\\1/p\' /proc/cmdline)',
+            'rc=0',
             'if [ -n "$run" ]; then',
             '  sh -c "$run"',
-            '  echo "hvkit-run-exit=$?"',
+            '  rc=$?',
+            '  echo "hvkit-run-exit=$rc"',
             'fi',
         ]
     if poweroff:
-        lines += ["sync", "reboot -f", "sleep 5", "poweroff -f"]
+        # hvkit-poweroff hands the status to the VMM through the exit port;
+        # elsewhere (QEMU) the reset line ends the VM.
+        lines += ["sync", "[ -x /sbin/hvkit-poweroff ] && /sbin/hvkit-poweroff ${rc:-0}",
+                  "reboot -f", "sleep 5", "poweroff -f"]
     else:
         lines += ["exec sh"]
     return "\n".join(lines) + "\n"
@@ -292,8 +297,9 @@ def _sh_quote(text: str) -> str:
 
 def busybox_entries(busybox: str | None = None,
                     applets: Sequence[str] = DEFAULT_APPLETS) -> list[Entry]:
-    """/bin/busybox, applet symlinks, and the directories and device nodes
-    an init needs before devtmpfs is mounted (/dev/console, /dev/null)."""
+    """/bin/busybox, applet symlinks, the directories and device nodes an
+    init needs before devtmpfs is mounted (/dev/console, /dev/null), and
+    /sbin/hvkit-poweroff (ends an hvkit VM with a status) when it is built."""
     path = find_busybox(busybox)
     with open(path, "rb") as fh:
         binary = fh.read()
@@ -309,6 +315,11 @@ def busybox_entries(busybox: str | None = None,
         if "/" in applet:
             raise GuestLoadError(f"applet name {applet!r} contains '/'")
         out.append(symlink(f"/bin/{applet}", "busybox"))
+    poweroff = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "guests", "hvkit-poweroff")
+    if os.path.exists(poweroff):
+        with open(poweroff, "rb") as fh:
+            out.append(file("/sbin/hvkit-poweroff", fh.read(), 0o755))
     return out
 
 
