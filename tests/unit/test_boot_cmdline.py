@@ -25,6 +25,8 @@ def test_pvm_options():
     assert "tsc_early_khz=2600000" in words and "noxsave" in words
     assert "clearcpuid=cx16,popcnt,smap,ssse3,erms,fsrm" in words
     assert "pvm_quirks" in words
+    tunables = [w for w in words if w.startswith("GLIBC_TUNABLES=")]
+    assert len(tunables) == 1 and "-AVX2" in tunables[0] and "-AVX512F" in tunables[0]
     with pytest.raises(ValueError):
         pvm_cmdline(0)
 
@@ -60,4 +62,5 @@ def test_recommended_cmdline_by_flavor():
     assert recommended_cmdline("quiet", flavor="bare") == "console=ttyS0 reboot=k panic=-1 quiet"
     line = recommended_cmdline("quiet", flavor="pvm", tsc_khz=2596096)
     assert line.startswith("console=ttyS0 reboot=k panic=-1 noxsave ")
-    assert "tsc_early_khz=2596096" in line and line.endswith(" pvm_quirks quiet")
+    assert "tsc_early_khz=2596096" in line and " pvm_quirks " in line
+    assert line.endswith(",-FMA4 quiet")
