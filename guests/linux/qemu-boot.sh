@@ -23,6 +23,7 @@ APPEND="console=ttyS0 reboot=k panic=-1"
 if [ -d /sys/module/kvm_pvm ]; then
     APPEND="$APPEND noxsave clearcpuid=cx16,popcnt,smap,ssse3,erms,fsrm tsc_early_khz=$KHZ"
     APPEND="$APPEND tsc=reliable cryptomgr.notests init_on_alloc=0 pvm_quirks"
+    APPEND="$APPEND GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-AVX_Fast_Unaligned_Load,-FMA,-FMA4"
 fi
 APPEND="$APPEND hvkit.run=\"$CMD\""
 start=$(date +%s.%N)
