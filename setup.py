@@ -26,8 +26,16 @@ def extensions():
         include_dirs=["native"],
         extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
     )
-    return cythonize([ext], include_path=["native"],
-                     compiler_directives={"language_level": "3"})
+    nvme = Extension(
+        "hvkit._nvme_native",
+        sources=["native/nvme/_nvme_native.pyx", "native/nvme/engine.c"],
+        include_dirs=["native/nvme"],
+        extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
+    )
+    return (cythonize([ext], include_path=["native"],
+                      compiler_directives={"language_level": "3"})
+            + cythonize([nvme], include_path=["native/nvme"], build_dir="build/cython",
+                        compiler_directives={"language_level": "3"}))
 
 
 setup(

@@ -5,7 +5,17 @@ VMM would share the GIL with the vCPU threads' exit handling, so every
 completion would contend with every MMIO exit. A process has its own
 interpreter, runs on its own core, and cannot take the VMM down when it
 crashes; the VMM restarts it from the state published in the control page
-(see engine.py). The hot loop is the part to move to native code later.
+(see engine.py).
+
+The data path runs in C (``hvkit._nvme_native``, native/nvme/engine.c)
+without the GIL whenever every namespace is a plain file descriptor (a
+``RawFileBackend``): it polls the rings, checks and runs the commands with
+pread/pwrite/fdatasync/fallocate, posts completions and signals the irq
+eventfds, and returns to Python only when a control message arrives.
+Other backends (block files, guarded backends) keep the Python
+``QueueEngine``, which stays the reference. ``HVKIT_NVME_ENGINE`` (or
+``Accelerator(engine=...)``) = "auto" (default), "native" (refuse to start
+without it) or "python".
 
 The data path never crosses the VMM in steady state (mode c):
   guest writes SQ entries and the shadow doorbell in its RAM (a memfd this
@@ -46,6 +56,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE = 1 << 16
+ENGINES = ("auto", "native", "python")
 CALL_TIMEOUT = 30.0
 
 
@@ -63,7 +74,11 @@ class Accelerator:
     ioeventfd/irqfd registrations made once stay valid."""
 
     def __init__(self, ctrl: "NvmeController", *, poll_us: int = 200,
-                 python: str = sys.executable) -> None:
+                 python: str = sys.executable, engine: str | None = None) -> None:
+        engine = engine or os.environ.get("HVKIT_NVME_ENGINE", "auto")
+        if engine not in ENGINES:
+            raise ConfigError(f"nvme accelerator: engine {engine!r} is not one of "
+                              f"{', '.join(ENGINES)}")
         for region in ctrl.mem:
             if region.fd < 0:
                 raise ConfigError(
@@ -77,6 +92,7 @@ class Accelerator:
         self.ctrl = ctrl
         self.poll_us = poll_us
         self.python = python
+        self.engine = engine
         self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.irq_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
                         for _ in range(ctrl.msix.vectors)]
@@ -111,6 +127,7 @@ class Accelerator:
                            for ns in c.namespaces.values()],
             "max_transfer": c.io.max_transfer,
             "poll_us": self.poll_us,
+            "engine": self.engine,
         }
         fds = [c.ctrl_page_fd, self.kick_fd, *self.irq_fds, *[r.fd for r in regions]]
         self._call(init, fds)
@@ -250,8 +267,11 @@ def _package_root() -> str:
 class _Server:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.engine: QueueEngine | None = None
+        self.engine: Any = None          # QueueEngine, or the NativeEngine
+        self.native = None               # the NativeEngine when the data path is in C
         self.io = None
+        self.namespaces: dict[int, Any] = {}
+        self.poll_us = 0
         self.irq_fds: list[int] = []
         self.kick_fd = -1
         self.poll_s = 0.0
@@ -276,9 +296,22 @@ class _Server:
             module, _, name = target.partition(":")
             backend = getattr(importlib.import_module(module), name)(**kwargs)
             namespaces[nsid] = Namespace(nsid, backend, lba_size, spec=(target, kwargs))
+        self.namespaces = namespaces
+        self.poll_s = msg["poll_us"] / 1e6
+        self.poll_us = int(msg["poll_us"])
+        choice = msg.get("engine", "auto")
+        if choice != "python":
+            why = native_unavailable(namespaces)
+            if why is None:
+                self.native = self.engine = make_native_engine(
+                    mem, page, namespaces, msg["max_transfer"])
+                self.native.set_fds(self.kick_fd, self.sock.fileno(), self.irq_fds)
+                return
+            if choice == "native":
+                raise ConfigError(f"native NVMe engine unavailable: {why}")
+            log.info("accelerator: Python queue engine (%s)", why)
         self.io = IoCommandSet(mem, namespaces, msg["max_transfer"])
         self.engine = QueueEngine(mem, page, lambda _sqid, cmd: self.io.execute(cmd), self._irq)
-        self.poll_s = msg["poll_us"] / 1e6
 
     def _irq(self, vector: int) -> None:
         if 0 <= vector < len(self.irq_fds):
@@ -295,7 +328,7 @@ class _Server:
             e.create_cq(msg["qid"], msg["gpa"], msg["size"], msg["vector"], msg["ien"],
                         tail=msg["tail"], phase=msg["phase"])
         elif op == "create_sq":
-            if msg["cqid"] not in e.cqs:
+            if not self._has_cq(msg["cqid"]):
                 return {"ok": False, "error": f"no CQ {msg['cqid']}"}
             e.create_sq(msg["qid"], msg["gpa"], msg["size"], msg["cqid"], head=msg["head"])
         elif op == "delete_sq":
@@ -305,27 +338,38 @@ class _Server:
         elif op == "dbbuf":
             e.set_dbbuf(msg["shadow"], msg["eventidx"], bool(msg.get("initialise", True)))
         elif op == "coalescing":
-            e.coalesce_threshold = msg["threshold"]
-            e.coalesce_disabled_vectors = set(msg["disabled"])
+            if self.native is not None:
+                e.set_coalescing(msg["threshold"], msg["disabled"])
+            else:
+                e.coalesce_threshold = msg["threshold"]
+                e.coalesce_disabled_vectors = set(msg["disabled"])
         elif op == "reset":
             e.reset()
         elif op == "flush":
-            for ns in self.io.namespaces.values():
+            for ns in self.namespaces.values():
                 if not ns.read_only:
                     ns.backend.flush()
         elif op == "restore":
             for qid, gpa, size, iv, ien, tail, phase in msg["cqs"]:
                 e.create_cq(qid, gpa, size, iv, ien, tail=tail, phase=phase)
             for qid, gpa, size, cqid, head in msg["sqs"]:
-                if cqid in e.cqs:
+                if self._has_cq(cqid):
                     e.create_sq(qid, gpa, size, cqid, head=head)
             if msg["dbbuf"] is not None:
                 e.set_dbbuf(msg["dbbuf"][0], msg["dbbuf"][1], initialise=False)
             e.recover()
             e.flush_interrupts()
+        elif op == "stats" and self.native is not None:
+            n = self.native
+            st = n.stats
+            return {"ok": True, "engine": "native",
+                    "bytes_read": st["bytes_read"], "bytes_written": st["bytes_written"],
+                    "sqs": sorted(n.sq_ids), "cqs": sorted(n.cq_ids), "dbbuf": n.dbbuf is not None,
+                    "sq_heads": {q: n.sq_state(q)[3] for q in n.sq_ids},
+                    "cq_tails": {q: n.cq_state(q)[5] for q in n.cq_ids}}
         elif op == "stats":
             st = self.io.stats
-            return {"ok": True, "bytes_read": st.bytes_read, "bytes_written": st.bytes_written,
+            return {"ok": True, "engine": "python", "bytes_read": st.bytes_read, "bytes_written": st.bytes_written,
                     "sqs": sorted(e.sqs), "cqs": sorted(e.cqs), "dbbuf": e.dbbuf is not None,
                     "sq_heads": {q: sq.head for q, sq in e.sqs.items()},
                     "cq_tails": {q: cq.tail for q, cq in e.cqs.items()}}
@@ -334,6 +378,11 @@ class _Server:
         else:
             return {"ok": False, "error": f"unknown op {op!r}"}
         return {"ok": True}
+
+    def _has_cq(self, cqid: int) -> bool:
+        if self.native is not None:
+            return cqid in self.native.cq_ids
+        return cqid in self.engine.cqs
 
     def serve_control(self) -> None:
         msg, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_MESSAGE, 64)
@@ -359,6 +408,12 @@ class _Server:
         poller.register(self.sock, select.POLLIN)
         while self.running and self.engine is None:
             self.serve_control()
+        if self.native is not None:
+            # the loop in C, without the GIL; back here for control messages
+            while self.running:
+                self.native.run(self.poll_us)
+                self.serve_control()
+            return
         kick = self.kick_fd
         poller.register(kick, select.POLLIN)
         last_work = time.monotonic()
@@ -387,6 +442,39 @@ class _Server:
                 else:
                     self.serve_control()
             last_work = time.monotonic()
+
+
+def native_unavailable(namespaces: dict[int, Any]) -> str | None:
+    """Why the C engine cannot serve these namespaces (None: it can). It
+    needs every backend to be a plain file descriptor with RawFileBackend's
+    semantics; a subclass (a guarded or instrumented backend) may add checks
+    the C path would skip, so only the exact class qualifies."""
+    try:
+        import hvkit._nvme_native  # noqa: F401
+    except ImportError as exc:
+        return f"hvkit._nvme_native does not import ({exc})"
+    from hvkit.storage.raw import RawFileBackend
+    for nsid, ns in namespaces.items():
+        b = ns.backend
+        if type(b) is not RawFileBackend:
+            return f"namespace {nsid}: backend {type(b).__name__} has no plain fd"
+        if getattr(b, "_fd", -1) < 0:
+            return f"namespace {nsid}: backend is closed"
+    return None
+
+
+def make_native_engine(mem, page, namespaces: dict[int, Any], max_transfer: int):
+    """A NativeEngine on ``mem``'s mappings, the control page and the
+    namespaces' fds (see ``native_unavailable``)."""
+    from hvkit._nvme_native import NativeEngine
+    eng = NativeEngine(page, max_transfer)
+    for region in mem:
+        eng.add_region(region.gpa, region.size, region.mapping)
+    for nsid, ns in namespaces.items():
+        b = ns.backend
+        eng.add_namespace(nsid, b._fd, ns.lba_shift, b.size, bool(b.read_only),
+                          b.align if b.direct else 1)
+    return eng
 
 
 def _drain(fd: int) -> None:

@@ -1,0 +1,1088 @@
+/* The NVMe accelerator's I/O queue engine in C: see engine.h.
+ *
+ * Every guest-provided address, length and index is checked before use;
+ * the rules and NVMe statuses are those of prp.py and io.py. Memory another
+ * party reads while we write it (completion dwords, shadow doorbells, the
+ * control page) is written one aligned word at a time in single stores, as
+ * engine.py's store_u32 does; the completion dword carrying the phase bit is
+ * stored last, after a release fence.
+ */
+#define _GNU_SOURCE
+#include "engine.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "the NVMe engine assumes a little-endian host"
+#endif
+
+/* NVMe statuses (spec.py) */
+#define SUCCESS                   0x0000
+#define INVALID_OPCODE            0x0001
+#define INVALID_FIELD             0x0002
+#define DATA_TRANSFER_ERROR       0x0004
+#define INTERNAL_ERROR            0x0006
+#define INVALID_NAMESPACE         0x000B
+#define PRP_OFFSET_INVALID        0x0013
+#define NAMESPACE_WRITE_PROTECTED 0x0020
+#define LBA_OUT_OF_RANGE          0x0080
+#define WRITE_FAULT               0x0280
+#define UNRECOVERED_READ_ERROR    0x0281
+#define STATUS_DNR                (1u << 14)
+
+#define IO_FLUSH        0x00
+#define IO_WRITE        0x01
+#define IO_READ         0x02
+#define IO_WRITE_ZEROES 0x08
+#define IO_DSM          0x09
+
+#define SQE_SIZE 64
+#define CQE_SIZE 16
+#define PAGE_SIZE_NVME 4096ull
+#define DSM_RANGE_SIZE 16
+#define DSM_ATTR_DEALLOCATE (1u << 2)
+#define BROADCAST_NSID 0xFFFFFFFFu
+
+#ifndef FALLOC_FL_KEEP_SIZE
+#define FALLOC_FL_KEEP_SIZE 0x01
+#endif
+#ifndef FALLOC_FL_PUNCH_HOLE
+#define FALLOC_FL_PUNCH_HOLE 0x02
+#endif
+#ifndef FALLOC_FL_ZERO_RANGE
+#define FALLOC_FL_ZERO_RANGE 0x10
+#endif
+
+#define BOUNCE_CHUNK (1u << 20)
+
+/* -- words shared with other CPUs ---------------------------------------- */
+
+static inline uint32_t ld32(const uint8_t *p)
+{
+    if (((uintptr_t)p & 3) == 0)
+        return __atomic_load_n((const uint32_t *)p, __ATOMIC_ACQUIRE);
+    uint32_t v;
+    memcpy(&v, p, 4);
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    return v;
+}
+
+static inline void st32(uint8_t *p, uint32_t v)
+{
+    if (((uintptr_t)p & 3) == 0) {
+        __atomic_store_n((uint32_t *)p, v, __ATOMIC_RELEASE);
+        return;
+    }
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    memcpy(p, &v, 4);
+}
+
+static inline uint64_t ld64(const uint8_t *p)
+{
+    return __atomic_load_n((const uint64_t *)p, __ATOMIC_RELAXED);
+}
+
+static inline void st64(uint8_t *p, uint64_t v)
+{
+    __atomic_store_n((uint64_t *)p, v, __ATOMIC_RELEASE);
+}
+
+/* -- guest memory --------------------------------------------------------- */
+
+/* host pointer for [gpa, gpa+len) inside one region, else NULL
+ * (GuestMemory.region_of / view) */
+static uint8_t *gm_ptr(struct nvme_engine *e, uint64_t gpa, uint64_t len)
+{
+    for (int i = 0; i < e->nregions; i++) {
+        struct nvme_region *r = &e->regions[i];
+        if (gpa < r->gpa)
+            continue;
+        uint64_t off = gpa - r->gpa;
+        if (off <= r->size && len <= r->size - off)
+            return r->hva + off;
+    }
+    return NULL;
+}
+
+static int gm_region(struct nvme_engine *e, uint64_t gpa, uint64_t len)
+{
+    for (int i = 0; i < e->nregions; i++) {
+        struct nvme_region *r = &e->regions[i];
+        if (gpa < r->gpa)
+            continue;
+        uint64_t off = gpa - r->gpa;
+        if (off <= r->size && len <= r->size - off)
+            return i;
+    }
+    return -1;
+}
+
+/* copy [gpa, gpa+len) out of guest RAM, possibly across adjacent regions
+ * (GuestMemory.read); 0 or -1 if any byte is outside RAM */
+static int gm_read(struct nvme_engine *e, uint64_t gpa, uint64_t len, void *out)
+{
+    uint8_t *p = gm_ptr(e, gpa, len);
+    if (p) {
+        memcpy(out, p, len);
+        return 0;
+    }
+    uint64_t cur = gpa, left = len;
+    uint8_t *o = out;
+    for (int i = 0; i < e->nregions && left; i++) {
+        struct nvme_region *r = &e->regions[i];
+        if (r->gpa <= cur && cur - r->gpa < r->size) {
+            uint64_t n = r->size - (cur - r->gpa);
+            if (n > left)
+                n = left;
+            memcpy(o, r->hva + (cur - r->gpa), n);
+            o += n;
+            cur += n;
+            left -= n;
+        }
+    }
+    return left ? -1 : 0;
+}
+
+/* -- control page ----------------------------------------------------------- */
+
+static void publish_queue(struct nvme_engine *e, uint32_t qid)
+{
+    if (qid > NVME_MAX_QID)
+        return;
+    uint8_t *off = e->page + NVME_QUEUE_STATE_BASE + NVME_QUEUE_STATE_SIZE * qid;
+    if (e->sqs[qid].used)
+        st32(off, e->sqs[qid].head);
+    if (e->cqs[qid].used) {
+        st32(off + 4, e->cqs[qid].tail);
+        st32(off + 8, e->cqs[qid].phase);
+    }
+}
+
+static void bump(struct nvme_engine *e, int counter, uint64_t n)
+{
+    uint8_t *p = e->page + NVME_STATE_BASE + 8 * counter;
+    st64(p, ld64(p) + n);
+}
+
+void nvme_publish_counters(struct nvme_engine *e)
+{
+    uint8_t *p = e->page + NVME_STATE_BASE;
+    st64(p + 8 * NVME_C_BYTES_READ, e->stats.bytes_read);
+    st64(p + 8 * NVME_C_BYTES_WRITTEN, e->stats.bytes_written);
+    st64(p + 8 * NVME_C_READ_COMMANDS, e->stats.read_commands);
+    st64(p + 8 * NVME_C_WRITE_COMMANDS, e->stats.write_commands);
+    st64(p + 8 * NVME_C_MEDIA_ERRORS, e->stats.media_errors);
+}
+
+/* -- doorbells ------------------------------------------------------------------ */
+
+static int shadow_read(struct nvme_engine *e, uint64_t base, uint32_t qid, int cq, uint32_t *out)
+{
+    uint8_t *p = gm_ptr(e, base + 4ull * (2ull * qid + (cq ? 1 : 0)), 4);
+    if (!p) {
+        e->shadow_errors++;
+        return -1;
+    }
+    *out = ld32(p);
+    return 0;
+}
+
+static void shadow_write(struct nvme_engine *e, uint64_t base, uint32_t qid, int cq, uint32_t v)
+{
+    uint8_t *p = gm_ptr(e, base + 4ull * (2ull * qid + (cq ? 1 : 0)), 4);
+    if (!p) {
+        e->shadow_errors++;
+        return;
+    }
+    st32(p, v);
+}
+
+static int doorbell(struct nvme_engine *e, uint32_t qid, int cq, uint32_t *out)
+{
+    if (e->dbbuf && qid)
+        return shadow_read(e, e->shadow_gpa, qid, cq, out);
+    if (qid >= 512) {               /* mirror page holds qids < 512 */
+        *out = 0;
+        return 0;
+    }
+    *out = ld32(e->page + 8 * qid + (cq ? 4 : 0));
+    return 0;
+}
+
+static void refresh_cq(struct nvme_engine *e, struct nvme_cq *cq)
+{
+    uint32_t head;
+    if (doorbell(e, cq->qid, 1, &head) == 0 && head < cq->size)
+        cq->head = head;
+}
+
+static void refresh(struct nvme_engine *e, struct nvme_sq *sq)
+{
+    uint32_t tail;
+    if (doorbell(e, sq->qid, 0, &tail) == 0 && tail < sq->size)
+        sq->tail = tail;
+    struct nvme_cq *cq = &e->cqs[sq->cqid];
+    if (cq->used)
+        refresh_cq(e, cq);
+}
+
+static inline int cq_full(const struct nvme_cq *cq)
+{
+    return (cq->tail + 1) % cq->size == cq->head;
+}
+
+/* -- set-up ------------------------------------------------------------------------ */
+
+int nvme_engine_init(struct nvme_engine *e, uint8_t *page, uint64_t max_transfer)
+{
+    memset(e, 0, sizeof(*e));
+    e->page = page;
+    e->kick_fd = e->ctrl_fd = -1;
+    e->max_transfer = max_transfer;
+    e->sqs = calloc(NVME_QID_LIMIT, sizeof(*e->sqs));
+    e->cqs = calloc(NVME_QID_LIMIT, sizeof(*e->cqs));
+    e->max_runs = max_transfer / PAGE_SIZE_NVME + 2;
+    if (e->max_runs < (DSM_RANGE_SIZE * 256) / PAGE_SIZE_NVME + 2)
+        e->max_runs = (DSM_RANGE_SIZE * 256) / PAGE_SIZE_NVME + 2;
+    e->runs = calloc(e->max_runs, sizeof(*e->runs));
+    e->bounce_size = BOUNCE_CHUNK + 4096;
+    e->bounce = mmap(NULL, e->bounce_size, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (e->bounce == MAP_FAILED)
+        e->bounce = NULL;
+    if (!e->sqs || !e->cqs || !e->runs || !e->bounce) {
+        nvme_engine_free(e);
+        return -ENOMEM;
+    }
+    return 0;
+}
+
+void nvme_engine_free(struct nvme_engine *e)
+{
+    free(e->sqs);
+    free(e->cqs);
+    free(e->runs);
+    if (e->bounce)
+        munmap(e->bounce, e->bounce_size);
+    e->sqs = NULL;
+    e->cqs = NULL;
+    e->runs = NULL;
+    e->bounce = NULL;
+}
+
+int nvme_add_region(struct nvme_engine *e, uint64_t gpa, uint64_t size, uint8_t *hva)
+{
+    if (e->nregions >= NVME_MAX_REGIONS)
+        return -ENOSPC;
+    e->regions[e->nregions++] = (struct nvme_region){gpa, size, hva};
+    return 0;
+}
+
+int nvme_add_ns(struct nvme_engine *e, uint32_t nsid, int fd, int lba_shift, uint64_t size,
+                int read_only, uint32_t align)
+{
+    if (e->nns >= NVME_MAX_NAMESPACES)
+        return -ENOSPC;
+    if (align == 0 || (align & (align - 1)) || align > 4096)
+        return -EINVAL;
+    e->ns[e->nns++] = (struct nvme_ns){nsid, fd, lba_shift, size >> lba_shift, size,
+                                       read_only, align};
+    return 0;
+}
+
+static void order_remove(uint16_t *order, int *n, uint16_t qid)
+{
+    for (int i = 0; i < *n; i++) {
+        if (order[i] == qid) {
+            memmove(order + i, order + i + 1, (size_t)(*n - i - 1) * sizeof(*order));
+            (*n)--;
+            return;
+        }
+    }
+}
+
+void nvme_create_cq(struct nvme_engine *e, uint16_t qid, uint64_t gpa, uint32_t size,
+                    uint32_t vector, int ien, uint32_t tail, uint32_t phase)
+{
+    struct nvme_cq *cq = &e->cqs[qid];
+    if (!cq->used)
+        e->cq_order[e->ncq++] = qid;
+    *cq = (struct nvme_cq){.used = 1, .qid = qid, .gpa = gpa, .size = size ? size : 1,
+                           .head = tail, .tail = tail, .phase = phase, .vector = vector,
+                           .ien = ien};
+    if (e->dbbuf && qid)
+        shadow_write(e, e->eventidx_gpa, qid, 1, (tail - 1) & 0xFFFF);
+    publish_queue(e, qid);
+}
+
+int nvme_create_sq(struct nvme_engine *e, uint16_t qid, uint64_t gpa, uint32_t size,
+                   uint16_t cqid, uint32_t head)
+{
+    if (!e->cqs[cqid].used)
+        return -ENOENT;
+    struct nvme_sq *sq = &e->sqs[qid];
+    if (sq->used)
+        order_remove(e->sq_order, &e->nsq, qid);
+    e->sq_order[e->nsq++] = qid;
+    *sq = (struct nvme_sq){.used = 1, .qid = qid, .cqid = cqid, .gpa = gpa,
+                           .size = size ? size : 1, .head = head, .tail = head};
+    if (e->dbbuf && qid)
+        shadow_write(e, e->eventidx_gpa, qid, 0, head);
+    publish_queue(e, qid);
+    return 0;
+}
+
+void nvme_delete_sq(struct nvme_engine *e, uint16_t qid)
+{
+    if (!e->sqs[qid].used)
+        return;
+    e->sqs[qid].used = 0;
+    order_remove(e->sq_order, &e->nsq, qid);
+}
+
+void nvme_delete_cq(struct nvme_engine *e, uint16_t qid)
+{
+    if (!e->cqs[qid].used)
+        return;
+    e->cqs[qid].used = 0;
+    order_remove(e->cq_order, &e->ncq, qid);
+}
+
+void nvme_reset(struct nvme_engine *e)
+{
+    for (int i = 0; i < e->nsq; i++)
+        e->sqs[e->sq_order[i]].used = 0;
+    for (int i = 0; i < e->ncq; i++)
+        e->cqs[e->cq_order[i]].used = 0;
+    e->nsq = e->ncq = 0;
+    e->dbbuf = 0;
+    e->coalesce_threshold = 0;
+    memset(e->coalesce_disabled, 0, sizeof(e->coalesce_disabled));
+}
+
+void nvme_set_dbbuf(struct nvme_engine *e, uint64_t shadow, uint64_t eventidx, int initialise)
+{
+    if (initialise) {
+        for (int i = 0; i < e->nsq; i++) {
+            struct nvme_sq *sq = &e->sqs[e->sq_order[i]];
+            if (sq->qid) {
+                refresh(e, sq);
+                shadow_write(e, shadow, sq->qid, 0, sq->tail);
+                shadow_write(e, eventidx, sq->qid, 0, sq->tail);
+            }
+        }
+        for (int i = 0; i < e->ncq; i++) {
+            struct nvme_cq *cq = &e->cqs[e->cq_order[i]];
+            if (cq->qid) {
+                shadow_write(e, shadow, cq->qid, 1, cq->head);
+                shadow_write(e, eventidx, cq->qid, 1, (cq->head - 1) & 0xFFFF);
+            }
+        }
+    }
+    e->dbbuf = 1;
+    e->shadow_gpa = shadow;
+    e->eventidx_gpa = eventidx;
+}
+
+void nvme_set_coalescing(struct nvme_engine *e, uint32_t threshold)
+{
+    e->coalesce_threshold = threshold;
+    memset(e->coalesce_disabled, 0, sizeof(e->coalesce_disabled));
+}
+
+void nvme_disable_coalescing(struct nvme_engine *e, uint32_t vector)
+{
+    if (vector < NVME_QID_LIMIT)
+        e->coalesce_disabled[vector / 8] |= (uint8_t)(1u << (vector % 8));
+}
+
+static inline int coalesce_off(struct nvme_engine *e, uint32_t vector)
+{
+    return vector < NVME_QID_LIMIT && (e->coalesce_disabled[vector / 8] >> (vector % 8)) & 1;
+}
+
+void nvme_update_event_indexes(struct nvme_engine *e)
+{
+    if (!e->dbbuf)
+        return;
+    for (int i = 0; i < e->nsq; i++) {
+        struct nvme_sq *sq = &e->sqs[e->sq_order[i]];
+        if (sq->qid)
+            shadow_write(e, e->eventidx_gpa, sq->qid, 0, sq->tail);
+    }
+    for (int i = 0; i < e->ncq; i++) {
+        struct nvme_cq *cq = &e->cqs[e->cq_order[i]];
+        if (cq->qid)
+            shadow_write(e, e->eventidx_gpa, cq->qid, 1,
+                         cq->blocked ? cq->head : ((cq->head - 1) & 0xFFFF));
+    }
+}
+
+int nvme_has_work(struct nvme_engine *e)
+{
+    for (int i = 0; i < e->nsq; i++) {
+        struct nvme_sq *sq = &e->sqs[e->sq_order[i]];
+        refresh(e, sq);
+        if (sq->head != sq->tail) {
+            struct nvme_cq *cq = &e->cqs[sq->cqid];
+            if (cq->used && !cq_full(cq))
+                return 1;
+        }
+    }
+    return 0;
+}
+
+/* -- interrupts -------------------------------------------------------------------- */
+
+static void irq(struct nvme_engine *e, uint32_t vector)
+{
+    if (vector < (uint32_t)e->nirq) {
+        uint64_t one = 1;
+        ssize_t r = write(e->irq_fds[vector], &one, sizeof(one));
+        (void)r;     /* EAGAIN: the counter is saturated, the signal is pending anyway */
+    }
+}
+
+void nvme_flush_interrupts(struct nvme_engine *e)
+{
+    /* each vector once, in ascending order, as engine.py does */
+    uint32_t vecs[64];
+    int nv = 0;
+    for (int i = 0; i < e->ncq; i++) {
+        struct nvme_cq *cq = &e->cqs[e->cq_order[i]];
+        if (!cq->pending_irq)
+            continue;
+        cq->pending_irq = 0;
+        int seen = 0;
+        for (int j = 0; j < nv; j++)
+            if (vecs[j] == cq->vector)
+                seen = 1;
+        if (seen)
+            continue;
+        if (nv < 64)
+            vecs[nv++] = cq->vector;
+        else
+            irq(e, cq->vector);
+    }
+    for (int i = 1; i < nv; i++)
+        for (int j = i; j > 0 && vecs[j - 1] > vecs[j]; j--) {
+            uint32_t t = vecs[j];
+            vecs[j] = vecs[j - 1];
+            vecs[j - 1] = t;
+        }
+    for (int i = 0; i < nv; i++)
+        irq(e, vecs[i]);
+}
+
+/* -- completions --------------------------------------------------------------------- */
+
+static int post(struct nvme_engine *e, uint16_t cqid, uint16_t sqid, uint16_t cid,
+                uint32_t status, uint32_t dw0)
+{
+    struct nvme_cq *cq = &e->cqs[cqid];
+    if (!cq->used)
+        return 0;
+    if (cq_full(cq)) {
+        refresh_cq(e, cq);
+        if (cq_full(cq))
+            return 0;
+    }
+    struct nvme_sq *sq = e->sqs[sqid].used ? &e->sqs[sqid] : NULL;
+    uint32_t sqhd = sq ? sq->head : 0;
+    if (status)
+        status |= STATUS_DNR;
+    uint8_t *p = gm_ptr(e, cq->gpa + (uint64_t)cq->tail * CQE_SIZE, CQE_SIZE);
+    if (!p) {
+        e->ring_errors++;
+        return 0;
+    }
+    /* the host ignores the body until the phase bit flips */
+    st32(p, dw0);
+    st32(p + 4, 0);
+    st32(p + 8, (sqhd & 0xFFFF) | (uint32_t)sqid << 16);
+    /* the phase dword last, after the body, in one store */
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    st32(p + 12, (uint32_t)cid | (cq->phase & 1) << 16 | (status & 0x7FFF) << 17);
+    cq->tail++;
+    if (cq->tail == cq->size) {
+        cq->tail = 0;
+        cq->phase ^= 1;
+    }
+    publish_queue(e, cqid);
+    if (sq && sqid != cqid)
+        publish_queue(e, sqid);
+    if (cq->ien) {
+        cq->pending_irq++;
+        uint32_t thr = e->coalesce_threshold;
+        if (thr && cqid && !coalesce_off(e, cq->vector) && cq->pending_irq > thr) {
+            cq->pending_irq = 0;
+            irq(e, cq->vector);
+        }
+    }
+    if (cqid)
+        bump(e, NVME_C_COMPLETIONS, 1);
+    return 1;
+}
+
+void nvme_recover(struct nvme_engine *e)
+{
+    for (int i = 0; i < e->ncq; i++) {
+        struct nvme_cq *cq = &e->cqs[e->cq_order[i]];
+        for (uint32_t k = 0; k < cq->size; k++) {
+            uint8_t raw[CQE_SIZE];
+            if (gm_read(e, cq->gpa + (uint64_t)cq->tail * CQE_SIZE, CQE_SIZE, raw))
+                break;
+            uint16_t sqhd, sqid;
+            uint32_t dw3;
+            memcpy(&sqhd, raw + 8, 2);
+            memcpy(&sqid, raw + 10, 2);
+            memcpy(&dw3, raw + 12, 4);
+            if (((dw3 >> 16) & 1) != cq->phase)
+                break;
+            struct nvme_sq *sq = &e->sqs[sqid];
+            if (sq->used && sq->cqid == cq->qid && sqhd < sq->size)
+                sq->head = sqhd;
+            cq->tail++;
+            if (cq->tail == cq->size) {
+                cq->tail = 0;
+                cq->phase ^= 1;
+            }
+            cq->pending_irq++;
+        }
+        publish_queue(e, cq->qid);
+    }
+    for (int i = 0; i < e->nsq; i++)
+        publish_queue(e, e->sq_order[i]);
+}
+
+/* -- PRPs (prp.py) --------------------------------------------------------------------- */
+
+/* Fill e->runs with the buffer as (gpa, len, hva) runs, each inside one
+ * region, adjacent pages merged. Returns the run count, or -status. */
+static int map_prps(struct nvme_engine *e, uint64_t prp1, uint64_t prp2, uint64_t length)
+{
+    const uint64_t ps = PAGE_SIZE_NVME;
+    int nruns = 0, last_region = -1;
+    if (length == 0)
+        return 0;
+    if (prp1 & 0x3)
+        return -PRP_OFFSET_INVALID;
+
+/* append one page (gpa, n): checked against guest RAM, merged with the last run */
+#define ADD_PAGE(GPA, N) do {                                                  \
+        uint64_t g_ = (GPA), n_ = (N);                                         \
+        int r_ = gm_region(e, g_, n_);                                         \
+        if (r_ < 0)                                                            \
+            return -DATA_TRANSFER_ERROR;                                       \
+        if (nruns && r_ == last_region &&                                      \
+            e->runs[nruns - 1].gpa + e->runs[nruns - 1].len == g_) {           \
+            e->runs[nruns - 1].len += n_;                                      \
+        } else {                                                               \
+            if ((size_t)nruns >= e->max_runs)                                  \
+                return -INVALID_FIELD;                                         \
+            struct nvme_region *rg_ = &e->regions[r_];                         \
+            e->runs[nruns++] = (struct nvme_run_entry){g_, n_,                 \
+                                                   rg_->hva + (g_ - rg_->gpa)}; \
+            last_region = r_;                                                  \
+        }                                                                      \
+    } while (0)
+
+    /* prp.py collects every page first (raising on a malformed entry)
+     * and checks RAM afterwards; keep that order of statuses: a bad list
+     * entry beats an earlier page outside RAM */
+    uint64_t first = ps - (prp1 & (ps - 1));
+    if (first > length)
+        first = length;
+    uint64_t left = length - first;
+    /* pass 1: structure (offsets, list reads) */
+    uint64_t needed = 0;
+    if (left > 0) {
+        if (left <= ps) {
+            if (prp2 & (ps - 1))
+                return -PRP_OFFSET_INVALID;
+        } else {
+            if (prp2 & 0x7)
+                return -PRP_OFFSET_INVALID;
+            needed = (left + ps - 1) / ps;
+        }
+    }
+    if (!needed) {
+        ADD_PAGE(prp1, first);
+        if (left)
+            ADD_PAGE(prp2, left);
+        return nruns;
+    }
+    /* a PRP list: walk it into the entry array first (statuses of the walk
+     * come before any RAM check of the data pages, as in prp.py) */
+    uint64_t *entries = (uint64_t *)e->bounce;     /* scratch: needed <= max_transfer/4K + 1 */
+    uint64_t nent = 0, addr = prp2;
+    if (needed > e->bounce_size / 8 || needed > e->max_runs)
+        return -INVALID_FIELD;     /* unreachable: the length was checked against MDTS */
+    while (needed) {
+        uint64_t room = (ps - (addr & (ps - 1))) / 8;
+        uint64_t count = needed <= room ? needed : room;
+        uint64_t chunk[512];
+        if (gm_read(e, addr, count * 8, chunk))
+            return -DATA_TRANSFER_ERROR;
+        uint64_t take = needed <= room ? needed : room - 1;
+        for (uint64_t k = 0; k < take; k++) {
+            if (chunk[k] & (ps - 1))
+                return -PRP_OFFSET_INVALID;
+            entries[nent++] = chunk[k];
+        }
+        needed -= take;
+        if (needed) {
+            uint64_t nxt = chunk[room - 1];
+            if (nxt & (ps - 1))
+                return -PRP_OFFSET_INVALID;
+            if (nxt == (addr & ~(ps - 1)))
+                return -INVALID_FIELD;
+            addr = nxt;
+        }
+    }
+    ADD_PAGE(prp1, first);
+    for (uint64_t k = 0; k < nent; k++) {
+        uint64_t n = left < ps ? left : ps;
+        ADD_PAGE(entries[k], n);
+        left -= n;
+    }
+    return nruns;
+#undef ADD_PAGE
+}
+
+/* -- backend I/O (hvkit/storage/raw.py) ---------------------------------------------------- */
+
+static int pread_full(int fd, uint8_t *buf, uint64_t len, uint64_t off)
+{
+    uint64_t done = 0;
+    while (done < len) {
+        ssize_t n = pread(fd, buf + done, len - done, (off_t)(off + done));
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (n == 0) {                   /* past the end: zeros, as raw.py does */
+            memset(buf + done, 0, len - done);
+            return 0;
+        }
+        done += (uint64_t)n;
+    }
+    return 0;
+}
+
+static int pwrite_full(int fd, const uint8_t *buf, uint64_t len, uint64_t off)
+{
+    uint64_t done = 0;
+    while (done < len) {
+        ssize_t n = pwrite(fd, buf + done, len - done, (off_t)(off + done));
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (n == 0)
+            return -EIO;
+        done += (uint64_t)n;
+    }
+    return 0;
+}
+
+/* unaligned O_DIRECT I/O through the aligned bounce buffer (raw.py _bounced) */
+static int bounced(struct nvme_engine *e, struct nvme_ns *ns, uint64_t offset, uint8_t *buf,
+                   uint64_t total, int write)
+{
+    uint64_t a = ns->align, done = 0;
+    while (done < total) {
+        uint64_t pos = offset + done;
+        uint64_t start = pos - pos % a;
+        uint64_t n = total - done;
+        if (n > BOUNCE_CHUNK - (pos - start))
+            n = BOUNCE_CHUNK - (pos - start);
+        uint64_t end = pos + n;
+        uint64_t end_al = (end + a - 1) / a * a;
+        uint8_t *span = e->bounce;
+        int r;
+        if (!write) {
+            if ((r = pread_full(ns->fd, span, end_al - start, start)))
+                return r;
+            memcpy(buf + done, span + (pos - start), n);
+        } else {
+            if (pos != start || end != end_al)
+                if ((r = pread_full(ns->fd, span, end_al - start, start)))
+                    return r;
+            memcpy(span + (pos - start), buf + done, n);
+            if ((r = pwrite_full(ns->fd, span, end_al - start, start)))
+                return r;
+        }
+        done += n;
+    }
+    return 0;
+}
+
+static int ns_io(struct nvme_engine *e, struct nvme_ns *ns, uint64_t offset, uint8_t *buf,
+                 uint64_t len, int write)
+{
+    if (offset > ns->size || len > ns->size - offset)
+        return -EINVAL;
+    uint64_t a = ns->align;
+    if (a > 1 && (offset % a || len % a || (uintptr_t)buf % a))
+        return bounced(e, ns, offset, buf, len, write);
+    return write ? pwrite_full(ns->fd, buf, len, offset) : pread_full(ns->fd, buf, len, offset);
+}
+
+static int ns_flush(struct nvme_ns *ns)
+{
+    if (ns->read_only)
+        return 0;
+    return fdatasync(ns->fd) ? -errno : 0;
+}
+
+/* 1 done, 0 not supported here, -errno failure (raw.py _fallocate) */
+static int ns_fallocate(struct nvme_ns *ns, int mode, uint64_t off, uint64_t len)
+{
+    if (fallocate(ns->fd, mode, (off_t)off, (off_t)len) == 0)
+        return 1;
+    int err = errno;
+    if (err == EOPNOTSUPP || err == ENOSYS || err == EINVAL || err == ENODEV)
+        return 0;
+    return -err;
+}
+
+static int ns_write_zeroes(struct nvme_engine *e, struct nvme_ns *ns, uint64_t off, uint64_t len)
+{
+    if (len == 0)
+        return 0;
+    int r = ns_fallocate(ns, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, off, len);
+    if (r)
+        return r < 0 ? r : 0;
+    r = ns_fallocate(ns, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, len);
+    if (r)
+        return r < 0 ? r : 0;
+    /* write zeros from an aligned zeroed buffer (the bounce's second half
+     * would be clobbered by bounced(); use a private zero page run) */
+    static uint8_t *zeros;
+    if (!zeros) {
+        zeros = mmap(NULL, BOUNCE_CHUNK, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (zeros == MAP_FAILED) {
+            zeros = NULL;
+            return -ENOMEM;
+        }
+    }
+    uint64_t done = 0;
+    while (done < len) {
+        uint64_t n = len - done < BOUNCE_CHUNK ? len - done : BOUNCE_CHUNK;
+        if ((r = ns_io(e, ns, off + done, zeros, n, 1)))
+            return r;
+        done += n;
+    }
+    return 0;
+}
+
+/* -- the NVM command set (io.py) ------------------------------------------------------------ */
+
+struct sqe {
+    uint8_t opcode, flags;
+    uint16_t cid;
+    uint32_t nsid, cdw2, cdw3;
+    uint64_t mptr, prp1, prp2;
+    uint32_t cdw10, cdw11, cdw12, cdw13, cdw14, cdw15;
+};
+_Static_assert(sizeof(struct sqe) == SQE_SIZE, "SQE layout");
+
+static struct nvme_ns *find_ns(struct nvme_engine *e, uint32_t nsid)
+{
+    for (int i = 0; i < e->nns; i++)
+        if (e->ns[i].nsid == nsid)
+            return &e->ns[i];
+    return NULL;
+}
+
+static inline int out_of_range(struct nvme_ns *ns, uint64_t slba, uint64_t nlb)
+{
+    return slba > ns->nlb || nlb > ns->nlb - slba;
+}
+
+static uint16_t do_rw(struct nvme_engine *e, const struct sqe *c, int write)
+{
+    struct nvme_ns *ns = find_ns(e, c->nsid);
+    if (!ns)
+        return INVALID_NAMESPACE;
+    uint64_t slba = (uint64_t)c->cdw11 << 32 | c->cdw10;
+    uint64_t nlb = (c->cdw12 & 0xFFFF) + 1;
+    if (out_of_range(ns, slba, nlb))
+        return LBA_OUT_OF_RANGE;
+    uint64_t length = nlb << ns->lba_shift;
+    if (length > e->max_transfer)
+        return INVALID_FIELD;
+    if (write && ns->read_only)
+        return NAMESPACE_WRITE_PROTECTED;
+    int nruns = map_prps(e, c->prp1, c->prp2, length);
+    if (nruns < 0)
+        return (uint16_t)-nruns;
+    uint64_t offset = slba << ns->lba_shift;
+    int r = 0;
+    for (int i = 0; i < nruns && !r; i++) {
+        r = ns_io(e, ns, offset, e->runs[i].hva, e->runs[i].len, write);
+        offset += e->runs[i].len;
+    }
+    if (!r && write && (c->cdw12 & (1u << 30)))       /* FUA */
+        r = ns_flush(ns);
+    if (r) {
+        e->stats.media_errors++;
+        return write ? WRITE_FAULT : UNRECOVERED_READ_ERROR;
+    }
+    if (write) {
+        e->stats.write_commands++;
+        e->stats.bytes_written += length;
+    } else {
+        e->stats.read_commands++;
+        e->stats.bytes_read += length;
+    }
+    return SUCCESS;
+}
+
+static uint16_t do_flush(struct nvme_engine *e, const struct sqe *c)
+{
+    if (c->nsid == BROADCAST_NSID) {
+        for (int i = 0; i < e->nns; i++)
+            if (ns_flush(&e->ns[i])) {
+                e->stats.media_errors++;
+                return WRITE_FAULT;
+            }
+        return SUCCESS;
+    }
+    struct nvme_ns *ns = find_ns(e, c->nsid);
+    if (!ns)
+        return INVALID_NAMESPACE;
+    if (ns_flush(ns)) {
+        e->stats.media_errors++;
+        return WRITE_FAULT;
+    }
+    return SUCCESS;
+}
+
+static uint16_t do_write_zeroes(struct nvme_engine *e, const struct sqe *c)
+{
+    struct nvme_ns *ns = find_ns(e, c->nsid);
+    if (!ns)
+        return INVALID_NAMESPACE;
+    uint64_t slba = (uint64_t)c->cdw11 << 32 | c->cdw10;
+    uint64_t nlb = (c->cdw12 & 0xFFFF) + 1;
+    if (out_of_range(ns, slba, nlb))
+        return LBA_OUT_OF_RANGE;
+    if (ns->read_only)
+        return NAMESPACE_WRITE_PROTECTED;
+    if (ns_write_zeroes(e, ns, slba << ns->lba_shift, nlb << ns->lba_shift)) {
+        e->stats.media_errors++;
+        return WRITE_FAULT;
+    }
+    return SUCCESS;
+}
+
+static uint16_t do_dsm(struct nvme_engine *e, const struct sqe *c)
+{
+    struct nvme_ns *ns = find_ns(e, c->nsid);
+    if (!ns)
+        return INVALID_NAMESPACE;
+    uint32_t nr = (c->cdw10 & 0xFF) + 1;
+    int nruns = map_prps(e, c->prp1, c->prp2, (uint64_t)nr * DSM_RANGE_SIZE);
+    if (nruns < 0)
+        return (uint16_t)-nruns;
+    uint8_t raw[256 * DSM_RANGE_SIZE];
+    uint64_t got = 0;
+    for (int i = 0; i < nruns; i++) {
+        memcpy(raw + got, e->runs[i].hva, e->runs[i].len);     /* a private copy */
+        got += e->runs[i].len;
+    }
+    uint64_t slbas[256], nlbs[256];
+    int nranges = 0;
+    for (uint32_t i = 0; i < nr; i++) {
+        uint32_t nlb;
+        uint64_t slba;
+        memcpy(&nlb, raw + i * DSM_RANGE_SIZE + 4, 4);
+        memcpy(&slba, raw + i * DSM_RANGE_SIZE + 8, 8);
+        if (nlb == 0)
+            continue;
+        if (out_of_range(ns, slba, nlb))
+            return LBA_OUT_OF_RANGE;
+        slbas[nranges] = slba;
+        nlbs[nranges++] = nlb;
+    }
+    if (!(c->cdw11 & DSM_ATTR_DEALLOCATE))
+        return SUCCESS;             /* integral read/write hints: advisory only */
+    if (ns->read_only)
+        return NAMESPACE_WRITE_PROTECTED;
+    for (int i = 0; i < nranges; i++) {
+        uint64_t off = slbas[i] << ns->lba_shift, len = nlbs[i] << ns->lba_shift;
+        if (len && ns_fallocate(ns, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, len) < 0)
+            return WRITE_FAULT;
+    }
+    return SUCCESS;
+}
+
+static uint16_t execute(struct nvme_engine *e, const struct sqe *c)
+{
+    if (c->flags & 0x3)                          /* fused */
+        return INVALID_FIELD;
+    int psdt = (c->flags >> 6) & 0x3;
+    switch (c->opcode) {
+    case IO_READ:
+    case IO_WRITE:
+        if (psdt)
+            return INVALID_FIELD;               /* SGLs are not supported */
+        return do_rw(e, c, c->opcode == IO_WRITE);
+    case IO_FLUSH:
+        return do_flush(e, c);
+    case IO_WRITE_ZEROES:
+        return do_write_zeroes(e, c);
+    case IO_DSM:
+        if (psdt)
+            return INVALID_FIELD;
+        return do_dsm(e, c);
+    default:
+        return INVALID_OPCODE;
+    }
+}
+
+uint16_t nvme_execute(struct nvme_engine *e, const uint8_t *raw)
+{
+    struct sqe c;
+    memcpy(&c, raw, sizeof(c));
+    return execute(e, &c);
+}
+
+/* -- the data path ---------------------------------------------------------------------------- */
+
+int nvme_process(struct nvme_engine *e, int budget)
+{
+    if (budget < 0) {
+        budget = 0;
+        for (int i = 0; i < e->nsq; i++)
+            budget += (int)e->sqs[e->sq_order[i]].size;
+    }
+    for (int i = 0; i < e->nsq; i++)
+        refresh(e, &e->sqs[e->sq_order[i]]);
+    int done = 0, progress = 1;
+    while (progress && done < budget) {
+        progress = 0;
+        for (int i = 0; i < e->nsq; i++) {
+            struct nvme_sq *sq = &e->sqs[e->sq_order[i]];
+            if (sq->head == sq->tail)
+                continue;
+            struct nvme_cq *cq = &e->cqs[sq->cqid];
+            if (!cq->used)
+                continue;
+            if (cq_full(cq)) {
+                refresh_cq(e, cq);
+                if (cq_full(cq)) {
+                    cq->blocked = 1;
+                    continue;
+                }
+            }
+            cq->blocked = 0;
+            struct sqe c;
+            if (gm_read(e, sq->gpa + (uint64_t)sq->head * SQE_SIZE, SQE_SIZE, &c)) {
+                /* the ring left guest RAM: stop this queue rather than spin */
+                e->ring_errors++;
+                sq->head = sq->tail;
+                continue;
+            }
+            sq->head = (sq->head + 1) % sq->size;
+            uint16_t status = execute(e, &c);
+            post(e, cq->qid, sq->qid, c.cid, status, 0);
+            done++;
+            progress = 1;
+            if (done >= budget)
+                break;
+        }
+        if (!progress) {
+            /* pick up doorbells rung while we worked */
+            for (int i = 0; i < e->nsq; i++) {
+                struct nvme_sq *sq = &e->sqs[e->sq_order[i]];
+                uint32_t old = sq->tail;
+                refresh(e, sq);
+                if (sq->tail != old)
+                    progress = 1;
+            }
+        }
+    }
+    nvme_flush_interrupts(e);
+    return done;
+}
+
+static inline int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static void drain(int fd)
+{
+    uint64_t v;
+    ssize_t r = read(fd, &v, sizeof(v));
+    (void)r;
+}
+
+/* poll kick + control; returns 1 if the control fd wants Python, 0 else */
+static int wait_fds(struct nvme_engine *e, int timeout_ms, int *err)
+{
+    struct pollfd p[2] = {{e->kick_fd, POLLIN, 0}, {e->ctrl_fd, POLLIN, 0}};
+    int n = poll(p, 2, timeout_ms);
+    if (n < 0) {
+        if (errno != EINTR)
+            *err = -errno;
+        return 0;
+    }
+    if (p[0].revents & POLLIN)
+        drain(e->kick_fd);
+    return (p[1].revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL)) != 0;
+}
+
+int nvme_run(struct nvme_engine *e, int64_t poll_ns)
+{
+    int64_t last_work = now_ns();
+    int err = 0;
+    unsigned spins = 0;
+    for (;;) {
+        int done = nvme_process(e, -1);
+        if (done) {
+            nvme_publish_counters(e);
+            last_work = now_ns();
+        }
+        /* the control socket and the kick: every pass after work, every
+         * 64th while spinning idle (a syscall costs more than a pass) */
+        if (done || (++spins & 63) == 0) {
+            if (wait_fds(e, 0, &err))
+                return 1;
+            if (err)
+                return err;
+        }
+        if (done || now_ns() - last_work < poll_ns) {
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#endif
+            continue;                   /* busy: keep polling the doorbells */
+        }
+        /* going idle: ask for a kick on the next doorbell, then look once
+         * more so that a doorbell rung in between is not missed */
+        nvme_update_event_indexes(e);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        if (nvme_has_work(e))
+            continue;
+        if (wait_fds(e, 1000, &err))
+            return 1;
+        if (err)
+            return err;
+        last_work = now_ns();
+    }
+}

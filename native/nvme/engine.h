@@ -1,0 +1,134 @@
+/* The NVMe accelerator's I/O queue engine in C.
+ *
+ * A port of hvkit/devices/nvme/engine.py (QueueEngine), io.py
+ * (IoCommandSet) and prp.py (map_prps) for namespaces backed by a plain
+ * file descriptor. Same rings, doorbells, EventIdx, phase, coalescing,
+ * control-page layout and NVMe statuses as the Python engine, which stays
+ * the reference (tests compare the two) and the fallback for backends
+ * without an fd.
+ *
+ * Threading: one thread owns an engine. The control calls (create_cq, ...)
+ * and nvme_run() are never concurrent; the Python module calls the former
+ * with the GIL held and the latter without it.
+ */
+#ifndef HVKIT_NVME_ENGINE_H
+#define HVKIT_NVME_ENGINE_H
+
+#include <stdint.h>
+#include <stddef.h>
+
+/* control page layout: see engine.py */
+#define NVME_CTRL_PAGE_SIZE   8192
+#define NVME_STATE_BASE       4096
+#define NVME_QUEUE_STATE_BASE (NVME_STATE_BASE + 64)
+#define NVME_QUEUE_STATE_SIZE 16
+#define NVME_MAX_QID ((NVME_CTRL_PAGE_SIZE - NVME_QUEUE_STATE_BASE) / NVME_QUEUE_STATE_SIZE - 1)
+/* counters, in engine.py's COUNTERS order */
+enum { NVME_C_BYTES_READ, NVME_C_BYTES_WRITTEN, NVME_C_READ_COMMANDS, NVME_C_WRITE_COMMANDS,
+       NVME_C_MEDIA_ERRORS, NVME_C_COMPLETIONS, NVME_C_PASSES, NVME_C_GENERATION };
+
+#define NVME_MAX_REGIONS    32
+#define NVME_MAX_NAMESPACES 64
+#define NVME_QID_LIMIT      65536     /* qids are 16 bits */
+
+struct nvme_region {
+    uint64_t gpa, size;
+    uint8_t *hva;
+};
+
+struct nvme_ns {
+    uint32_t nsid;
+    int fd;
+    int lba_shift;
+    uint64_t nlb;          /* size >> lba_shift */
+    uint64_t size;         /* bytes (the backend's size) */
+    int read_only;
+    uint32_t align;        /* O_DIRECT alignment, 1 if buffered */
+};
+
+struct nvme_sq {
+    int used;
+    uint16_t qid, cqid;
+    uint64_t gpa;
+    uint32_t size, head, tail;
+};
+
+struct nvme_cq {
+    int used;
+    uint16_t qid;
+    uint64_t gpa;
+    uint32_t size, head, tail, phase, vector;
+    int ien;
+    uint32_t pending_irq;
+    int blocked;
+};
+
+struct nvme_stats {
+    uint64_t bytes_read, bytes_written, read_commands, write_commands, media_errors;
+};
+
+struct nvme_engine {
+    struct nvme_region regions[NVME_MAX_REGIONS];
+    int nregions;
+    struct nvme_ns ns[NVME_MAX_NAMESPACES];
+    int nns;
+    struct nvme_sq *sqs;            /* [NVME_QID_LIMIT] */
+    struct nvme_cq *cqs;            /* [NVME_QID_LIMIT] */
+    uint16_t sq_order[NVME_QID_LIMIT];   /* SQ ids in creation order */
+    int nsq;
+    uint16_t cq_order[NVME_QID_LIMIT];
+    int ncq;
+    int dbbuf;
+    uint64_t shadow_gpa, eventidx_gpa;
+    uint32_t coalesce_threshold;
+    uint8_t coalesce_disabled[NVME_QID_LIMIT / 8];
+    uint8_t *page;                  /* the 8 KiB control page */
+    int *irq_fds;
+    int nirq;
+    int kick_fd, ctrl_fd;
+    uint64_t max_transfer;
+    struct nvme_stats stats;
+    uint64_t shadow_errors;
+    uint64_t ring_errors;
+    /* scratch, sized for max_transfer */
+    struct nvme_run_entry { uint64_t gpa, len; uint8_t *hva; } *runs;
+    size_t max_runs;
+    uint8_t *bounce;                /* aligned, for O_DIRECT with unaligned buffers */
+    size_t bounce_size;
+};
+
+/* set-up / tear-down; 0 or -errno */
+int nvme_engine_init(struct nvme_engine *e, uint8_t *page, uint64_t max_transfer);
+void nvme_engine_free(struct nvme_engine *e);
+int nvme_add_region(struct nvme_engine *e, uint64_t gpa, uint64_t size, uint8_t *hva);
+int nvme_add_ns(struct nvme_engine *e, uint32_t nsid, int fd, int lba_shift, uint64_t size,
+                int read_only, uint32_t align);
+
+/* control plane (engine.py names) */
+void nvme_create_cq(struct nvme_engine *e, uint16_t qid, uint64_t gpa, uint32_t size,
+                    uint32_t vector, int ien, uint32_t tail, uint32_t phase);
+int nvme_create_sq(struct nvme_engine *e, uint16_t qid, uint64_t gpa, uint32_t size,
+                   uint16_t cqid, uint32_t head);
+void nvme_delete_sq(struct nvme_engine *e, uint16_t qid);
+void nvme_delete_cq(struct nvme_engine *e, uint16_t qid);
+void nvme_reset(struct nvme_engine *e);
+void nvme_set_dbbuf(struct nvme_engine *e, uint64_t shadow, uint64_t eventidx, int initialise);
+void nvme_set_coalescing(struct nvme_engine *e, uint32_t threshold);
+void nvme_disable_coalescing(struct nvme_engine *e, uint32_t vector);
+void nvme_recover(struct nvme_engine *e);
+void nvme_flush_interrupts(struct nvme_engine *e);
+void nvme_update_event_indexes(struct nvme_engine *e);
+int nvme_has_work(struct nvme_engine *e);
+void nvme_publish_counters(struct nvme_engine *e);
+
+/* the data path */
+int nvme_process(struct nvme_engine *e, int budget);     /* budget < 0: default */
+/* one I/O command (64-byte SQE) -> status (no DNR), for tests */
+uint16_t nvme_execute(struct nvme_engine *e, const uint8_t *sqe);
+
+/* The loop: process, poll the doorbells for poll_ns after the last
+ * command, then arm EventIdx and sleep on kick_fd. Returns 1 when the
+ * control fd is readable (or hung up), -errno on a poll failure. */
+int nvme_run(struct nvme_engine *e, int64_t poll_ns);
+
+#endif
