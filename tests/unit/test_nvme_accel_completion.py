@@ -80,8 +80,17 @@ class Rig:
 # while the accelerator polls it (a value seen torn or zero is an SQ tail the
 # host never wrote: entries past the real tail, stale, would be fetched);
 # "ioeventfd" and "shadow": mode c, doorbells in the shadow buffer
+@pytest.fixture(params=["native", "python"])
+def engine(request, monkeypatch):
+    """The queue engine in the accelerator process (C, or the Python reference)."""
+    if request.param == "native":
+        pytest.importorskip("hvkit._nvme_native")
+    monkeypatch.setenv("HVKIT_NVME_ENGINE", request.param)
+    return request.param
+
+
 @pytest.fixture(params=["mmio", "ioeventfd", "shadow"])
-def rig(request, tmp_path):
+def rig(request, tmp_path, engine):
     r = Rig(tmp_path, request.param)
     yield r
     r.close()
