@@ -6,12 +6,13 @@
 #
 #   guests/linux/qemu-boot.sh [bzImage|vmlinux] [command...]
 #
+# HVKIT_LINUX_DIR=<dir with bzImage and vmlinux> skips build.sh.
 # Needs qemu-system-x86 and busybox-static. -cpu host without
 # arch-capabilities: this host's KVM refuses that MSR (QEMU aborts on it).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
-KDIR="$("$HERE/build.sh" --print-dir)"
+KDIR="${HVKIT_LINUX_DIR:-$("$HERE/build.sh" --print-dir)}"
 KIND="${1:-vmlinux}"; shift || true
 CMD="${*:-uname -a}"
 KERNEL="$KDIR/$KIND"
