@@ -48,10 +48,13 @@ cdef extern from "engine.h":
         nvme_stats stats
         uint64_t shadow_errors
         uint64_t ring_errors
+        void *uring
+        uint64_t batches, batched_ios
         int nregions
         int nns
 
     int nvme_engine_init(nvme_engine *e, uint8_t *page, uint64_t max_transfer)
+    int nvme_enable_uring(nvme_engine *e)
     void nvme_engine_free(nvme_engine *e)
     int nvme_add_region(nvme_engine *e, uint64_t gpa, uint64_t size, uint8_t *hva)
     int nvme_add_ns(nvme_engine *e, uint32_t nsid, int fd, int lba_shift, uint64_t size,
@@ -143,6 +146,21 @@ cdef class NativeEngine:
         if nvme_add_ns(self.e, nsid, fd, lba_shift, size, read_only, align):
             raise ValueError(f"namespace {nsid}: too many namespaces or a bad alignment {align}")
         self.namespaces[nsid] = (fd, lba_shift, size, read_only, align)
+
+    def enable_uring(self):
+        """Run batches of reads/writes (several commands fetched in one
+        pass) concurrently through io_uring; False if the kernel refuses
+        (I/O then stays synchronous)."""
+        return nvme_enable_uring(self.e) == 0
+
+    @property
+    def uring(self):
+        return self.e.uring != NULL
+
+    @property
+    def batches(self):
+        """(batches run through io_uring, commands in them)."""
+        return (self.e.batches, self.e.batched_ios)
 
     def set_fds(self, int kick_fd, int ctrl_fd, irq_fds):
         cdef int n = len(irq_fds)

@@ -16,7 +16,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/io_uring.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -62,6 +64,150 @@
 #endif
 
 #define BOUNCE_CHUNK (1u << 20)
+
+
+/* -- io_uring (raw system calls; no liburing) ------------------------------ */
+
+struct uring {
+    int fd;
+    unsigned entries;
+    unsigned *sq_head, *sq_tail, *sq_mask, *sq_array;
+    unsigned *cq_head, *cq_tail, *cq_mask;
+    struct io_uring_sqe *sqes;
+    struct io_uring_cqe *cqes;
+    void *sq_ring, *cq_ring;
+    size_t sq_ring_sz, cq_ring_sz, sqes_sz;
+};
+
+static void uring_free(struct nvme_engine *e)
+{
+    struct uring *u = e->uring;
+    if (!u)
+        return;
+    if (u->sqes)
+        munmap(u->sqes, u->sqes_sz);
+    if (u->cq_ring && u->cq_ring != u->sq_ring)
+        munmap(u->cq_ring, u->cq_ring_sz);
+    if (u->sq_ring)
+        munmap(u->sq_ring, u->sq_ring_sz);
+    if (u->fd >= 0)
+        close(u->fd);
+    free(u);
+    e->uring = NULL;
+}
+
+int nvme_enable_uring(struct nvme_engine *e)
+{
+    if (e->uring)
+        return 0;
+    struct uring *u = calloc(1, sizeof(*u));
+    if (!u)
+        return -ENOMEM;
+    u->fd = -1;
+    e->uring = u;
+    struct io_uring_params p;
+    memset(&p, 0, sizeof(p));
+    int fd = (int)syscall(__NR_io_uring_setup, NVME_RING_OPS, &p);
+    if (fd < 0) {
+        int err = -errno;
+        uring_free(e);
+        return err;
+    }
+    u->fd = fd;
+    u->entries = p.sq_entries;
+    u->sq_ring_sz = p.sq_off.array + p.sq_entries * sizeof(unsigned);
+    u->cq_ring_sz = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
+    int single = (p.features & IORING_FEAT_SINGLE_MMAP) != 0;
+    if (single && u->cq_ring_sz > u->sq_ring_sz)
+        u->sq_ring_sz = u->cq_ring_sz;
+    u->sq_ring = mmap(NULL, u->sq_ring_sz, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
+                      fd, IORING_OFF_SQ_RING);
+    if (u->sq_ring == MAP_FAILED) {
+        u->sq_ring = NULL;
+        goto fail;
+    }
+    if (single) {
+        u->cq_ring = u->sq_ring;
+    } else {
+        u->cq_ring = mmap(NULL, u->cq_ring_sz, PROT_READ | PROT_WRITE,
+                          MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_CQ_RING);
+        if (u->cq_ring == MAP_FAILED) {
+            u->cq_ring = NULL;
+            goto fail;
+        }
+    }
+    u->sqes_sz = p.sq_entries * sizeof(struct io_uring_sqe);
+    u->sqes = mmap(NULL, u->sqes_sz, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
+                   fd, IORING_OFF_SQES);
+    if (u->sqes == MAP_FAILED) {
+        u->sqes = NULL;
+        goto fail;
+    }
+    uint8_t *sq = u->sq_ring, *cq = u->cq_ring;
+    u->sq_head = (unsigned *)(sq + p.sq_off.head);
+    u->sq_tail = (unsigned *)(sq + p.sq_off.tail);
+    u->sq_mask = (unsigned *)(sq + p.sq_off.ring_mask);
+    u->sq_array = (unsigned *)(sq + p.sq_off.array);
+    u->cq_head = (unsigned *)(cq + p.cq_off.head);
+    u->cq_tail = (unsigned *)(cq + p.cq_off.tail);
+    u->cq_mask = (unsigned *)(cq + p.cq_off.ring_mask);
+    u->cqes = (struct io_uring_cqe *)(cq + p.cq_off.cqes);
+    return 0;
+fail:;
+    int err = -errno;
+    uring_free(e);
+    return err ? err : -ENOMEM;
+}
+
+/* queue one read/write; the caller keeps n <= entries per submission */
+static void uring_prep(struct uring *u, int write, int fd, void *buf, uint32_t len,
+                       uint64_t off, uint64_t tag)
+{
+    unsigned tail = *u->sq_tail;
+    unsigned idx = tail & *u->sq_mask;
+    struct io_uring_sqe *sqe = &u->sqes[idx];
+    memset(sqe, 0, sizeof(*sqe));
+    sqe->opcode = write ? IORING_OP_WRITE : IORING_OP_READ;
+    sqe->fd = fd;
+    sqe->addr = (uint64_t)(uintptr_t)buf;
+    sqe->len = len;
+    sqe->off = off;
+    sqe->user_data = tag;
+    u->sq_array[idx] = idx;
+    __atomic_store_n(u->sq_tail, tail + 1, __ATOMIC_RELEASE);
+}
+
+/* submit n queued operations and wait for all; results[tag] = res.
+ * 0, or -errno if the ring failed (the caller then does the I/O itself) */
+static int uring_run(struct uring *u, unsigned n, int32_t *results)
+{
+    unsigned submitted = 0, reaped = 0;
+    int broken = 0;
+    while (reaped < n) {
+        unsigned to_submit = broken ? 0 : n - submitted;
+        int r = (int)syscall(__NR_io_uring_enter, u->fd, to_submit, 1,
+                             IORING_ENTER_GETEVENTS, NULL, 0);
+        if (r >= 0) {
+            submitted += (unsigned)r;
+        } else if (errno != EINTR && errno != EAGAIN && errno != EBUSY) {
+            if (submitted == reaped)
+                return -errno;        /* nothing in flight: give up on the ring */
+            broken = 1;               /* wait for what is in flight, then give up */
+        }
+        unsigned head = *u->cq_head;
+        unsigned tail = __atomic_load_n(u->cq_tail, __ATOMIC_ACQUIRE);
+        while (head != tail) {
+            struct io_uring_cqe *c = &u->cqes[head & *u->cq_mask];
+            results[c->user_data] = c->res;
+            head++;
+            reaped++;
+        }
+        __atomic_store_n(u->cq_head, head, __ATOMIC_RELEASE);
+        if (broken && submitted == reaped)
+            return -EIO;
+    }
+    return 0;
+}
 
 /* -- words shared with other CPUs ---------------------------------------- */
 
@@ -151,15 +297,21 @@ static int gm_read(struct nvme_engine *e, uint64_t gpa, uint64_t len, void *out)
     return left ? -1 : 0;
 }
 
+static void publish_queue_at(struct nvme_engine *e, uint32_t qid, int64_t sq_head);
+#define publish_queue(e, qid) publish_queue_at((e), (qid), -1)
+
 /* -- control page ----------------------------------------------------------- */
 
-static void publish_queue(struct nvme_engine *e, uint32_t qid)
+/* sq_head: the SQ head to publish (-1: the current one). A batch publishes
+ * the head as of the command it completes, so that a restart fetches again
+ * every command whose completion was not posted. */
+static void publish_queue_at(struct nvme_engine *e, uint32_t qid, int64_t sq_head)
 {
     if (qid > NVME_MAX_QID)
         return;
     uint8_t *off = e->page + NVME_QUEUE_STATE_BASE + NVME_QUEUE_STATE_SIZE * qid;
     if (e->sqs[qid].used)
-        st32(off, e->sqs[qid].head);
+        st32(off, sq_head < 0 ? e->sqs[qid].head : (uint32_t)sq_head);
     if (e->cqs[qid].used) {
         st32(off + 4, e->cqs[qid].tail);
         st32(off + 8, e->cqs[qid].phase);
@@ -239,6 +391,12 @@ static inline int cq_full(const struct nvme_cq *cq)
     return (cq->tail + 1) % cq->size == cq->head;
 }
 
+/* full once the entries owed to the batch are posted */
+static inline int cq_full_r(const struct nvme_cq *cq)
+{
+    return (cq->tail + cq->reserved + 1) % cq->size == cq->head;
+}
+
 /* -- set-up ------------------------------------------------------------------------ */
 
 int nvme_engine_init(struct nvme_engine *e, uint8_t *page, uint64_t max_transfer)
@@ -252,13 +410,15 @@ int nvme_engine_init(struct nvme_engine *e, uint8_t *page, uint64_t max_transfer
     e->max_runs = max_transfer / PAGE_SIZE_NVME + 2;
     if (e->max_runs < (DSM_RANGE_SIZE * 256) / PAGE_SIZE_NVME + 2)
         e->max_runs = (DSM_RANGE_SIZE * 256) / PAGE_SIZE_NVME + 2;
-    e->runs = calloc(e->max_runs, sizeof(*e->runs));
+    e->pool_runs = e->max_runs > NVME_RING_OPS ? e->max_runs : NVME_RING_OPS;
+    e->runs = calloc(e->pool_runs, sizeof(*e->runs));
+    e->results = calloc(e->pool_runs, sizeof(*e->results));
     e->bounce_size = BOUNCE_CHUNK + 4096;
     e->bounce = mmap(NULL, e->bounce_size, PROT_READ | PROT_WRITE,
                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (e->bounce == MAP_FAILED)
         e->bounce = NULL;
-    if (!e->sqs || !e->cqs || !e->runs || !e->bounce) {
+    if (!e->sqs || !e->cqs || !e->runs || !e->results || !e->bounce) {
         nvme_engine_free(e);
         return -ENOMEM;
     }
@@ -270,11 +430,14 @@ void nvme_engine_free(struct nvme_engine *e)
     free(e->sqs);
     free(e->cqs);
     free(e->runs);
+    free(e->results);
+    uring_free(e);
     if (e->bounce)
         munmap(e->bounce, e->bounce_size);
     e->sqs = NULL;
     e->cqs = NULL;
     e->runs = NULL;
+    e->results = NULL;
     e->bounce = NULL;
 }
 
@@ -485,7 +648,7 @@ void nvme_flush_interrupts(struct nvme_engine *e)
 /* -- completions --------------------------------------------------------------------- */
 
 static int post(struct nvme_engine *e, uint16_t cqid, uint16_t sqid, uint16_t cid,
-                uint32_t status, uint32_t dw0)
+                uint32_t status, uint32_t dw0, int64_t sqhd_at)
 {
     struct nvme_cq *cq = &e->cqs[cqid];
     if (!cq->used)
@@ -496,7 +659,7 @@ static int post(struct nvme_engine *e, uint16_t cqid, uint16_t sqid, uint16_t ci
             return 0;
     }
     struct nvme_sq *sq = e->sqs[sqid].used ? &e->sqs[sqid] : NULL;
-    uint32_t sqhd = sq ? sq->head : 0;
+    uint32_t sqhd = sq ? (sqhd_at < 0 ? sq->head : (uint32_t)sqhd_at) : 0;
     if (status)
         status |= STATUS_DNR;
     uint8_t *p = gm_ptr(e, cq->gpa + (uint64_t)cq->tail * CQE_SIZE, CQE_SIZE);
@@ -516,9 +679,9 @@ static int post(struct nvme_engine *e, uint16_t cqid, uint16_t sqid, uint16_t ci
         cq->tail = 0;
         cq->phase ^= 1;
     }
-    publish_queue(e, cqid);
+    publish_queue_at(e, cqid, sqhd_at);
     if (sq && sqid != cqid)
-        publish_queue(e, sqid);
+        publish_queue_at(e, sqid, sqhd_at);
     if (cq->ien) {
         cq->pending_irq++;
         uint32_t thr = e->coalesce_threshold;
@@ -570,6 +733,7 @@ void nvme_recover(struct nvme_engine *e)
 static int map_prps(struct nvme_engine *e, uint64_t prp1, uint64_t prp2, uint64_t length)
 {
     const uint64_t ps = PAGE_SIZE_NVME;
+    struct nvme_run_entry *R = e->runs + e->run_base;
     int nruns = 0, last_region = -1;
     if (length == 0)
         return 0;
@@ -583,13 +747,13 @@ static int map_prps(struct nvme_engine *e, uint64_t prp1, uint64_t prp2, uint64_
         if (r_ < 0)                                                            \
             return -DATA_TRANSFER_ERROR;                                       \
         if (nruns && r_ == last_region &&                                      \
-            e->runs[nruns - 1].gpa + e->runs[nruns - 1].len == g_) {           \
-            e->runs[nruns - 1].len += n_;                                      \
+            R[nruns - 1].gpa + R[nruns - 1].len == g_) {           \
+            R[nruns - 1].len += n_;                                      \
         } else {                                                               \
             if ((size_t)nruns >= e->max_runs)                                  \
                 return -INVALID_FIELD;                                         \
             struct nvme_region *rg_ = &e->regions[r_];                         \
-            e->runs[nruns++] = (struct nvme_run_entry){g_, n_,                 \
+            R[nruns++] = (struct nvme_run_entry){g_, n_,                 \
                                                    rg_->hva + (g_ - rg_->gpa)}; \
             last_region = r_;                                                  \
         }                                                                      \
@@ -811,7 +975,11 @@ static inline int out_of_range(struct nvme_ns *ns, uint64_t slba, uint64_t nlb)
     return slba > ns->nlb || nlb > ns->nlb - slba;
 }
 
-static uint16_t do_rw(struct nvme_engine *e, const struct sqe *c, int write)
+/* checks of a Read/Write up to its I/O (io.py _rw); the runs go to the
+ * pool at e->run_base. Returns the final status, or NVME_PENDING_IO with
+ * p filled in. */
+static uint16_t prepare_rw(struct nvme_engine *e, const struct sqe *c, int write,
+                           struct nvme_pending *p)
 {
     struct nvme_ns *ns = find_ns(e, c->nsid);
     if (!ns)
@@ -828,26 +996,72 @@ static uint16_t do_rw(struct nvme_engine *e, const struct sqe *c, int write)
     int nruns = map_prps(e, c->prp1, c->prp2, length);
     if (nruns < 0)
         return (uint16_t)-nruns;
-    uint64_t offset = slba << ns->lba_shift;
-    int r = 0;
-    for (int i = 0; i < nruns && !r; i++) {
-        r = ns_io(e, ns, offset, e->runs[i].hva, e->runs[i].len, write);
-        offset += e->runs[i].len;
+    p->ns = ns;
+    p->write = (uint8_t)write;
+    p->fua = (c->cdw12 & (1u << 30)) != 0;
+    p->offset = slba << ns->lba_shift;
+    p->length = length;
+    p->run0 = (uint32_t)e->run_base;
+    p->nruns = (uint32_t)nruns;
+    return NVME_PENDING_IO;
+}
+
+/* can this command's I/O go straight to the fd (no bounce)? */
+static int direct_ok(struct nvme_engine *e, const struct nvme_pending *p)
+{
+    uint64_t a = p->ns->align;
+    if (a <= 1)
+        return 1;
+    uint64_t off = p->offset;
+    for (uint32_t i = 0; i < p->nruns; i++) {
+        struct nvme_run_entry *r = &e->runs[p->run0 + i];
+        if (off % a || r->len % a || (uintptr_t)r->hva % a)
+            return 0;
+        off += r->len;
     }
-    if (!r && write && (c->cdw12 & (1u << 30)))       /* FUA */
-        r = ns_flush(ns);
-    if (r) {
+    return 1;
+}
+
+static int rw_sync(struct nvme_engine *e, const struct nvme_pending *p)
+{
+    uint64_t offset = p->offset;
+    for (uint32_t i = 0; i < p->nruns; i++) {
+        struct nvme_run_entry *r = &e->runs[p->run0 + i];
+        int rc = ns_io(e, p->ns, offset, r->hva, r->len, p->write);
+        if (rc)
+            return rc;
+        offset += r->len;
+    }
+    return 0;
+}
+
+/* the I/O is done (err = 0 or -errno): FUA, counters, status */
+static uint16_t finish_rw(struct nvme_engine *e, const struct nvme_pending *p, int err)
+{
+    if (!err && p->write && p->fua)
+        err = ns_flush(p->ns);
+    if (err) {
         e->stats.media_errors++;
-        return write ? WRITE_FAULT : UNRECOVERED_READ_ERROR;
+        return p->write ? WRITE_FAULT : UNRECOVERED_READ_ERROR;
     }
-    if (write) {
+    if (p->write) {
         e->stats.write_commands++;
-        e->stats.bytes_written += length;
+        e->stats.bytes_written += p->length;
     } else {
         e->stats.read_commands++;
-        e->stats.bytes_read += length;
+        e->stats.bytes_read += p->length;
     }
     return SUCCESS;
+}
+
+static uint16_t do_rw(struct nvme_engine *e, const struct sqe *c, int write)
+{
+    struct nvme_pending p;
+    e->run_base = 0;
+    uint16_t st = prepare_rw(e, c, write, &p);
+    if (st != NVME_PENDING_IO)
+        return st;
+    return finish_rw(e, &p, rw_sync(e, &p));
 }
 
 static uint16_t do_flush(struct nvme_engine *e, const struct sqe *c)
@@ -956,11 +1170,83 @@ static uint16_t execute(struct nvme_engine *e, const struct sqe *c)
 uint16_t nvme_execute(struct nvme_engine *e, const uint8_t *raw)
 {
     struct sqe c;
+    e->run_base = 0;
     memcpy(&c, raw, sizeof(c));
     return execute(e, &c);
 }
 
 /* -- the data path ---------------------------------------------------------------------------- */
+
+/* run the batch's I/O (together, through io_uring, when there are several)
+ * and post its completions in fetch order; returns the count */
+static int batch_flush(struct nvme_engine *e)
+{
+    int n = e->nbatch;
+    if (!n)
+        return 0;
+    struct uring *u = e->uring;
+    int ios = 0;
+    unsigned ops = 0;
+    for (int i = 0; i < n; i++)
+        if (e->batch[i].status == NVME_PENDING_IO) {
+            ios++;
+            ops += e->batch[i].nruns;
+        }
+    if (u && ios >= 2 && ops <= u->entries) {
+        unsigned queued = 0;
+        for (int i = 0; i < n; i++) {
+            struct nvme_pending *p = &e->batch[i];
+            if (p->status != NVME_PENDING_IO || !direct_ok(e, p))
+                continue;
+            uint64_t off = p->offset;
+            for (uint32_t k = 0; k < p->nruns; k++) {
+                struct nvme_run_entry *r = &e->runs[p->run0 + k];
+                e->results[p->run0 + k] = INT32_MIN;
+                uring_prep(u, p->write, p->ns->fd, r->hva, (uint32_t)r->len, off, p->run0 + k);
+                off += r->len;
+                queued++;
+            }
+        }
+        if (queued && uring_run(u, queued, e->results) < 0)
+            uring_free(e);           /* from now on synchronous; redo what is missing */
+        e->batches++;
+        e->batched_ios += (uint64_t)ios;
+        for (int i = 0; i < n; i++) {
+            struct nvme_pending *p = &e->batch[i];
+            if (p->status != NVME_PENDING_IO)
+                continue;
+            int err = 0;
+            if (!direct_ok(e, p)) {
+                err = rw_sync(e, p);
+            } else {
+                uint64_t off = p->offset;
+                for (uint32_t k = 0; k < p->nruns && !err; k++) {
+                    struct nvme_run_entry *r = &e->runs[p->run0 + k];
+                    if (e->results[p->run0 + k] != (int32_t)r->len)   /* short, failed, lost */
+                        err = ns_io(e, p->ns, off, r->hva, r->len, p->write);
+                    off += r->len;
+                }
+            }
+            p->status = finish_rw(e, p, err);
+        }
+    } else {
+        for (int i = 0; i < n; i++) {
+            struct nvme_pending *p = &e->batch[i];
+            if (p->status == NVME_PENDING_IO)
+                p->status = finish_rw(e, p, rw_sync(e, p));
+        }
+    }
+    for (int i = 0; i < n; i++) {
+        struct nvme_pending *p = &e->batch[i];
+        struct nvme_cq *cq = &e->cqs[p->cqid];
+        if (cq->reserved)
+            cq->reserved--;
+        post(e, p->cqid, p->sqid, p->cid, p->status, 0, p->sqhd);
+    }
+    e->nbatch = 0;
+    e->run_base = 0;
+    return n;
+}
 
 int nvme_process(struct nvme_engine *e, int budget)
 {
@@ -981,9 +1267,9 @@ int nvme_process(struct nvme_engine *e, int budget)
             struct nvme_cq *cq = &e->cqs[sq->cqid];
             if (!cq->used)
                 continue;
-            if (cq_full(cq)) {
+            if (cq_full_r(cq)) {
                 refresh_cq(e, cq);
-                if (cq_full(cq)) {
+                if (cq_full_r(cq)) {
                     cq->blocked = 1;
                     continue;
                 }
@@ -997,14 +1283,35 @@ int nvme_process(struct nvme_engine *e, int budget)
                 continue;
             }
             sq->head = (sq->head + 1) % sq->size;
-            uint16_t status = execute(e, &c);
-            post(e, cq->qid, sq->qid, c.cid, status, 0);
+            int rw = (c.opcode == IO_READ || c.opcode == IO_WRITE) && !(c.flags & 0x3)
+                     && !((c.flags >> 6) & 0x3);
+            if (rw) {
+                if (e->nbatch == NVME_BATCH ||
+                    (e->run_base && e->run_base + e->max_runs > NVME_RING_OPS))
+                    batch_flush(e);
+                struct nvme_pending *p = &e->batch[e->nbatch];
+                p->cqid = cq->qid;
+                p->sqid = sq->qid;
+                p->cid = c.cid;
+                p->sqhd = (uint16_t)sq->head;
+                p->status = prepare_rw(e, &c, c.opcode == IO_WRITE, p);
+                if (p->status == NVME_PENDING_IO)
+                    e->run_base += p->nruns;
+                e->nbatch++;
+                cq->reserved++;
+            } else {
+                batch_flush(e);               /* completions stay in fetch order */
+                uint16_t status = execute(e, &c);
+                post(e, cq->qid, sq->qid, c.cid, status, 0, -1);
+            }
             done++;
             progress = 1;
             if (done >= budget)
                 break;
         }
         if (!progress) {
+            if (batch_flush(e))
+                progress = 1;       /* posted: the guest may have rung meanwhile */
             /* pick up doorbells rung while we worked */
             for (int i = 0; i < e->nsq; i++) {
                 struct nvme_sq *sq = &e->sqs[e->sq_order[i]];
@@ -1015,6 +1322,7 @@ int nvme_process(struct nvme_engine *e, int budget)
             }
         }
     }
+    batch_flush(e);
     nvme_flush_interrupts(e);
     return done;
 }

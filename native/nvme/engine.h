@@ -61,7 +61,22 @@ struct nvme_cq {
     int ien;
     uint32_t pending_irq;
     int blocked;
+    uint32_t reserved;     /* entries owed to fetched commands not yet posted */
 };
+
+/* a fetched command whose completion is not posted yet (a batch of
+ * reads/writes in flight together; posted in fetch order) */
+#define NVME_BATCH 64
+#define NVME_RING_OPS 256
+struct nvme_pending {
+    uint16_t cqid, sqid, cid, sqhd;
+    uint16_t status;       /* final status, or NVME_PENDING_IO */
+    uint8_t write, fua;
+    struct nvme_ns *ns;
+    uint64_t offset, length;
+    uint32_t run0, nruns;
+};
+#define NVME_PENDING_IO 0xFFFF
 
 struct nvme_stats {
     uint64_t bytes_read, bytes_written, read_commands, write_commands, media_errors;
@@ -92,13 +107,22 @@ struct nvme_engine {
     uint64_t ring_errors;
     /* scratch, sized for max_transfer */
     struct nvme_run_entry { uint64_t gpa, len; uint8_t *hva; } *runs;
-    size_t max_runs;
+    size_t max_runs;       /* per command */
+    size_t pool_runs, run_base;    /* e->runs is a pool for the batch */
+    struct nvme_pending batch[NVME_BATCH];
+    int nbatch;
+    void *uring;           /* io_uring for the batch, NULL: synchronous I/O */
+    int32_t *results;      /* [pool_runs] */
+    uint64_t batches, batched_ios;
     uint8_t *bounce;                /* aligned, for O_DIRECT with unaligned buffers */
     size_t bounce_size;
 };
 
 /* set-up / tear-down; 0 or -errno */
 int nvme_engine_init(struct nvme_engine *e, uint8_t *page, uint64_t max_transfer);
+/* run batches of reads/writes concurrently through io_uring (0 or -errno;
+ * without it, I/O is synchronous) */
+int nvme_enable_uring(struct nvme_engine *e);
 void nvme_engine_free(struct nvme_engine *e);
 int nvme_add_region(struct nvme_engine *e, uint64_t gpa, uint64_t size, uint8_t *hva);
 int nvme_add_ns(struct nvme_engine *e, uint32_t nsid, int fd, int lba_shift, uint64_t size,

@@ -463,11 +463,16 @@ def native_unavailable(namespaces: dict[int, Any]) -> str | None:
     return None
 
 
-def make_native_engine(mem, page, namespaces: dict[int, Any], max_transfer: int):
+def make_native_engine(mem, page, namespaces: dict[int, Any], max_transfer: int,
+                       uring: bool = True):
     """A NativeEngine on ``mem``'s mappings, the control page and the
-    namespaces' fds (see ``native_unavailable``)."""
+    namespaces' fds (see ``native_unavailable``). With ``uring``, the reads
+    and writes fetched in one pass run concurrently through io_uring
+    (completions still posted in fetch order), where the kernel allows."""
     from hvkit._nvme_native import NativeEngine
     eng = NativeEngine(page, max_transfer)
+    if uring and not eng.enable_uring():
+        log.info("accelerator: no io_uring; synchronous I/O")
     for region in mem:
         eng.add_region(region.gpa, region.size, region.mapping)
     for nsid, ns in namespaces.items():
