@@ -1356,9 +1356,11 @@ static int wait_fds(struct nvme_engine *e, int timeout_ms, int *err)
     return (p[1].revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL)) != 0;
 }
 
+#define PREEMPTED_NS 50000     /* a pass longer than this: the CPU went elsewhere */
+
 int nvme_run(struct nvme_engine *e, int64_t poll_ns)
 {
-    int64_t last_work = now_ns();
+    int64_t last_work = now_ns(), prev = last_work;
     int err = 0;
     unsigned spins = 0;
     for (;;) {
@@ -1375,11 +1377,23 @@ int nvme_run(struct nvme_engine *e, int64_t poll_ns)
             if (err)
                 return err;
         }
-        if (done || now_ns() - last_work < poll_ns) {
+        if (done) {
+            prev = last_work;
+            continue;
+        }
+        int64_t t = now_ns();
+        /* busy: keep polling the doorbells, unless we just lost the CPU:
+         * a pass that took this long means another thread wanted our core
+         * (on a host with fewer cores than busy threads, often the vCPU
+         * about to ring us), and spinning on would keep it waiting for a
+         * scheduler tick; sleep on the kick instead */
+        int preempted = t - prev > PREEMPTED_NS;
+        prev = t;
+        if (t - last_work < poll_ns && !preempted) {
 #if defined(__x86_64__) || defined(__i386__)
             __builtin_ia32_pause();
 #endif
-            continue;                   /* busy: keep polling the doorbells */
+            continue;
         }
         /* going idle: ask for a kick on the next doorbell, then look once
          * more so that a doorbell rung in between is not missed */
@@ -1391,6 +1405,6 @@ int nvme_run(struct nvme_engine *e, int64_t poll_ns)
             return 1;
         if (err)
             return err;
-        last_work = now_ns();
+        last_work = prev = now_ns();
     }
 }
