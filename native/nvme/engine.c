@@ -1357,17 +1357,26 @@ static int wait_fds(struct nvme_engine *e, int timeout_ms, int *err)
 }
 
 #define PREEMPTED_NS 50000     /* a pass longer than this: the CPU went elsewhere */
+#define POLL_MIN_NS 10000      /* the adaptive window restarts here */
 
 int nvme_run(struct nvme_engine *e, int64_t poll_ns)
 {
     int64_t last_work = now_ns(), prev = last_work;
     int err = 0;
     unsigned spins = 0;
+    /* the poll window adapts, as KVM's halt polling does: halved whenever
+     * polling lost the CPU or found nothing, doubled (up to poll_ns) when
+     * it found work */
+    int64_t window = poll_ns;
     for (;;) {
         int done = nvme_process(e, -1);
+        int64_t t = now_ns();
         if (done) {
             nvme_publish_counters(e);
-            last_work = now_ns();
+            if (t - last_work > PREEMPTED_NS && window < poll_ns)   /* polling paid off */
+                window = window ? (window * 2 < poll_ns ? window * 2 : poll_ns)
+                                : (POLL_MIN_NS < poll_ns ? POLL_MIN_NS : poll_ns);
+            last_work = prev = t;
         }
         /* the control socket and the kick: every pass after work, every
          * 64th while spinning idle (a syscall costs more than a pass) */
@@ -1377,11 +1386,8 @@ int nvme_run(struct nvme_engine *e, int64_t poll_ns)
             if (err)
                 return err;
         }
-        if (done) {
-            prev = last_work;
+        if (done)
             continue;
-        }
-        int64_t t = now_ns();
         /* busy: keep polling the doorbells, unless we just lost the CPU:
          * a pass that took this long means another thread wanted our core
          * (on a host with fewer cores than busy threads, often the vCPU
@@ -1389,12 +1395,14 @@ int nvme_run(struct nvme_engine *e, int64_t poll_ns)
          * scheduler tick; sleep on the kick instead */
         int preempted = t - prev > PREEMPTED_NS;
         prev = t;
-        if (t - last_work < poll_ns && !preempted) {
+        if (t - last_work < window && !preempted) {
 #if defined(__x86_64__) || defined(__i386__)
             __builtin_ia32_pause();
 #endif
             continue;
         }
+        if (poll_ns && (preempted || window))
+            window /= 2;
         /* going idle: ask for a kick on the next doorbell, then look once
          * more so that a doorbell rung in between is not missed */
         nvme_update_event_indexes(e);
