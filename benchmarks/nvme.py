@@ -6,8 +6,9 @@ against the host reading the same backing file directly (the ceiling).
 Modes: (a) "mmio": every doorbell an MMIO exit served by the VMM in Python;
 (b) "ioeventfd": doorbells signal the accelerator process inside KVM;
 (c) "shadow": shadow doorbells + EventIdx with a polling accelerator.
-(d) the host: fio (io_uring, buffered) on the backing file with the same
-block size, pattern and queue depth; a Python pread loop if fio is absent.
+(d) the host: fio (io_uring) on the backing file with the same block size,
+pattern, queue depth and I/O mode (O_DIRECT when the backend uses it, as it
+does by default; --buffered for both); a Python loop if fio is absent.
 
 The guest (guests/nvme.c, bench=1) writes N/2 random pages then reads them
 back, checking every read, and reports its TSC timings and per-I/O
@@ -51,8 +52,8 @@ def pct(values: list[float], p: float) -> float:
     return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
 
 
-def run_guest(mode: str, qd: int, ios: int, disk: str, hz: float) -> dict:
-    backend = RawFileBackend(disk)
+def run_guest(mode: str, qd: int, ios: int, disk: str, hz: float, direct: bool) -> dict:
+    backend = RawFileBackend(disk, direct=direct)
     shadow = 0 if mode == "mmio" else 1
     vm = MicroVM("nvme", memory="256M", args=f"bench=1 ios={ios} qd={qd} shadow={shadow} lbas=16384")
     marks: dict[str, object] = {}
@@ -99,12 +100,12 @@ def run_guest(mode: str, qd: int, ios: int, disk: str, hz: float) -> dict:
     }
 
 
-def host_fio(path: str, qd: int, seconds: float) -> dict | None:
+def host_fio(path: str, qd: int, seconds: float, direct: bool) -> dict | None:
     if shutil.which("fio") is None:
         return None
     out = subprocess.run(
         ["fio", "--name=ceiling", f"--filename={path}", "--rw=randrw", "--rwmixread=50",
-         "--bs=4k", f"--iodepth={qd}", "--ioengine=io_uring", "--direct=0",
+         "--bs=4k", f"--iodepth={qd}", "--ioengine=io_uring", f"--direct={int(direct)}",
          "--size=64M", f"--runtime={seconds}", "--time_based", "--output-format=json",
          "--randrepeat=1", "--norandommap"],
         capture_output=True, text=True, check=True).stdout
@@ -112,7 +113,8 @@ def host_fio(path: str, qd: int, seconds: float) -> dict | None:
     iops = job["read"]["iops"] + job["write"]["iops"]
     clat = job["read"]["clat_ns"]["percentile"]
     return {"iops": round(iops), "lat_us_p50": round(clat.get("50.000000", 0) / 1e3, 2),
-            "lat_us_p99": round(clat.get("99.000000", 0) / 1e3, 2), "tool": "fio io_uring"}
+            "lat_us_p99": round(clat.get("99.000000", 0) / 1e3, 2),
+            "tool": f"fio io_uring, {'O_DIRECT' if direct else 'buffered'}"}
 
 
 def host_pread(path: str, ios: int) -> dict:
@@ -142,20 +144,24 @@ def main() -> int:
     ap.add_argument("--disk-mb", type=int, default=256)
     ap.add_argument("--dir", default="/var/tmp")
     ap.add_argument("--fio-seconds", type=float, default=3.0)
+    ap.add_argument("--buffered", action="store_true",
+                    help="open the disk without O_DIRECT (the host baseline follows)")
     a = ap.parse_args()
     hz = tsc_hz()
     tmp = tempfile.mkdtemp(prefix="hvkit-nvme-", dir=a.dir)
     disk = os.path.join(tmp, "disk.img")
-    RawFileBackend.create(disk, a.disk_mb << 20).close()
+    probe = RawFileBackend.create(disk, a.disk_mb << 20, direct=not a.buffered)
+    direct = probe.direct        # O_DIRECT where the file system allows it
+    probe.close()
     results: dict[str, dict] = {}
     try:
         for qd in a.qd:
             row: dict[str, dict] = {}
             for key, mode in MODES.items():
                 print(f"nvme: {key} qd {qd} ...", file=sys.stderr)
-                row[key] = run_guest(mode, qd, a.ios, disk, hz)
+                row[key] = run_guest(mode, qd, a.ios, disk, hz, direct)
             print(f"nvme: d_host qd {qd} ...", file=sys.stderr)
-            row["d_host"] = host_fio(disk, qd, a.fio_seconds) or host_pread(disk, a.ios)
+            row["d_host"] = host_fio(disk, qd, a.fio_seconds, direct) or host_pread(disk, a.ios)
             a_iops, c_iops = row["a_mmio"]["iops"], row["c_shadow"]["iops"]
             row["ratio_c_over_a"] = round(c_iops / a_iops, 2)
             row["ratio_c_over_d"] = round(c_iops / row["d_host"]["iops"], 3)
@@ -169,7 +175,7 @@ def main() -> int:
             "c_under_0.1_exits_per_io_at_top_qd": top.get("c_shadow", {}).get("vmm_exits_per_io", 1) < 0.1,
             "c_at_least_half_of_d": top.get("ratio_c_over_d", 0) >= 0.5,
         },
-        "ios_per_run": a.ios, "tsc_hz": hz,
+        "ios_per_run": a.ios, "tsc_hz": hz, "backend_io": "O_DIRECT" if direct else "buffered",
     }
     print(json.dumps({"results": results, **summary}, indent=2))
     return 0
