@@ -7,6 +7,7 @@
 #define SYS_ioperm 173
 #define SYS_exit 60
 #define SYS_sync 162
+#define SYS_nanosleep 35
 #define EXIT_PORT 0x500
 
 static long sys3(long n, long a, long b, long c)
@@ -44,8 +45,12 @@ __attribute__((used)) void start_c(long *sp)
         sys3(SYS_exit, 1, 0, 0);
     }
     __asm__ volatile("outl %0, %1" :: "a"(code), "Nd"((unsigned short)EXIT_PORT));
-    for (;;)
-        __asm__ volatile("pause");
+    /* Still here a second later: no hvkit exit port (another VMM), so let
+     * the caller fall back to reboot. */
+    long ts[2] = { 1, 0 };
+    sys3(SYS_nanosleep, (long)ts, 0, 0);
+    say("hvkit-poweroff: no hvkit exit port answered\n");
+    sys3(SYS_exit, 1, 0, 0);
 }
 
 __asm__(".global _start\n_start:\n mov %rsp, %rdi\n and $-16, %rsp\n call start_c\n");
