@@ -121,7 +121,8 @@ def test_stock_debian_kernel_prints_banner_and_e820(microvm, initrd, boot_method
     vm = microvm(kernel=kernel, initrd=initrd, boot=boot_method, memory="512M",
                  cmdline="console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1")
     vm.start()
-    seen = wait_for(vm, b"BIOS-e820", 300)
+    # The RAM entry above 1 MiB comes after the low entries: wait for it.
+    seen = wait_for(vm, b"BIOS-e820: [mem 0x0000000000100000-", 300)
     out = vm.console_output.decode(errors="replace")
     vm.stop()
     assert seen, out[-2000:]
