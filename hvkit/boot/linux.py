@@ -6,14 +6,13 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
+from hvkit.arch.x86.e820 import E820_RAM, E820_RESERVED  # noqa: F401 (re-exported)
 from hvkit.boot import layout
 from hvkit.errors import GuestLoadError
 
 if TYPE_CHECKING:
     from hvkit.memory.guest import GuestMemory
 
-E820_RAM = 1
-E820_RESERVED = 2
 E820_ACPI = 3
 E820_NVS = 4
 E820_UNUSABLE = 5
