@@ -19,7 +19,8 @@ from hvkit.storage import blockmap as bm
 from hvkit.storage import metablock as mb
 from hvkit.storage.backend import StorageError
 from hvkit.storage.hostfile import HostFile
-from hvkit.storage.journal import Journal, JournalError, _jsb_block, read_jsb
+from hvkit.storage.journal import (Journal, JournalError, _jsb_block, max_generation,
+                                   read_jsb, reset_journal)
 from hvkit.storage.superblock import (BITS_PER_BITMAP_BLOCK, JOURNAL_START, JSB_A, JSB_B,
                                       RES_BLOCK, RES_PTR, RES_SUB, RESOURCE_NAMES,
                                       SB_BACKUP, SB_PRIMARY, Geometry)
@@ -148,28 +149,37 @@ class _Checker:
             best = None
         if best is None:
             if self.repair:
-                self.f.pwrite(JOURNAL_START * mb.META, bytes(mb.META))
-                self.f.pwrite(JSB_A * mb.META, _jsb_block(JSB_A, 1, 1, 0))
-                self.f.pwrite(JSB_B * mb.META, _jsb_block(JSB_B, 0, 1, 0))
-                self.f.flush()
-                self.rep.repaired.append("reset the journal (nothing could be replayed)")
-            return
-        if problems and self.repair:
-            gen, seq, off = best
-            for bno, g in ((JSB_A, gen + 1), (JSB_B, gen + 2)):
-                self.f.pwrite(bno * mb.META, _jsb_block(bno, g, seq, off))
-            self.f.flush()
-            self.rep.repaired.append("rewrote the journal superblocks")
-        if self.f.read_only:
-            txns, _, _ = Journal(self.f, self.geom).scan()
-            if txns:
-                self.problem("journal-pending", f"{len(txns)} committed transactions "
-                             f"not yet replayed (open read-write to replay)")
+                start = max_generation(self.f, self.geom) + 1
+                reset_journal(self.f, self.geom, start)
+                self.rep.repaired.append(f"reset the journal at sequence {start} "
+                                         f"(nothing could be replayed)")
             return
         try:
-            self.rep.replayed = Journal(self.f, self.geom).replay().replayed
+            j = Journal(self.f, self.geom)
+            scan = j.scan()
         except JournalError as e:
             self.problem("journal", str(e), fixable=False)
+            return
+        for why in scan.damaged:
+            self.problem("journal-damaged", why)
+        for why in scan.lost:
+            self.problem("journal-damaged", f"{why}: data written then may be lost",
+                         fixable=False)
+        if self.f.read_only:
+            if scan.txns:
+                self.problem("journal-pending", f"{len(scan.txns)} committed transactions "
+                             f"not yet replayed (open read-write to replay)")
+            return
+        if (scan.damaged or scan.lost) and not self.repair:
+            return  # leave the evidence for --repair
+        self.rep.replayed = j.replay(scan=scan).replayed
+        if scan.damaged or scan.lost:
+            self.rep.repaired.append("replayed what the journal holds and reset it")
+        if problems and self.repair:
+            for bno, g in ((JSB_A, j.sb_gen + 1), (JSB_B, j.sb_gen + 2)):
+                self.f.pwrite(bno * mb.META, _jsb_block(bno, g, j.start_seq, j.start_off))
+            self.f.flush()
+            self.rep.repaired.append("rewrote the journal superblocks")
 
     def bitmap(self, res: int) -> bytearray | None:
         """The bits of a resource, or None if any bitmap block is damaged."""

@@ -4,9 +4,22 @@ block images.
 One physical transaction is a header block (sequence number, the target
 and crc32c of every image), the images, and a commit block whose crc32c
 covers all of them. It goes to the ring in one write followed by one
-flush; on open, transactions are replayed in sequence order and the first
-one that is torn (any crc wrong, short, wrong sequence) ends the replay,
-so a crash mid-commit leaves the volume as it was before it.
+flush, and only then are its images written in place, each sealed with the
+transaction's sequence number as its generation.
+
+What replay applies is decided by sequence numbers, never by ring
+position alone: every sound transaction in the ring with a sequence number
+at or above the replay start is a candidate, they are applied in sequence
+order, and an image is written only where the block in place is damaged or
+carries an older generation, so replay can never roll metadata back. A
+transaction is known to be committed when metadata in place carries its
+sequence number or a later one, or when a later transaction was written
+(each is written only after the one before was flushed). A damaged record
+of a committed transaction is recovered from its individually checksummed
+images where its header is sound; whatever cannot be recovered is reported
+as lost, and ``Volume.open`` refuses the volume until ``check --repair``
+has looked at it. A damaged record that nothing shows was committed is a
+crash mid-commit: the end of the log.
 
 Two journal superblocks (A/B, highest valid generation wins) record where
 replay starts; a checkpoint flushes the in-place metadata and moves that
@@ -14,8 +27,9 @@ start, freeing the ring.
 """
 from __future__ import annotations
 
+import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from hvkit.storage import metablock as mb
@@ -38,18 +52,42 @@ class JournalError(StorageError):
 class ReplayReport:
     replayed: int = 0
     images: int = 0
+    #: images not written because the block in place is as new or newer
+    skipped: int = 0
     stopped: str = ""  # why replay ended before the ring's end ("" = clean end)
     first_seq: int = 0
     next_seq: int = 0
+    #: damaged records of committed transactions, recovered from their images
+    damaged: list[str] = field(default_factory=list)
+    #: committed changes the journal cannot give back
+    lost: list[str] = field(default_factory=list)
 
 
 @dataclass
 class JournalTxn:
-    """A valid transaction found in the ring."""
+    """A transaction found in the ring (whole, or the intact images of a
+    damaged record of a committed one)."""
 
     seq: int
     offset: int
     images: list[tuple[int, bytes]]
+
+
+@dataclass
+class ScanResult:
+    txns: list[JournalTxn]       # to replay, in sequence order
+    stopped: str                 # why the log ended early ("" = clean end)
+    damaged: list[str]
+    lost: list[str]
+    last_seq: int                # highest sequence number in the ring or in place
+
+
+@dataclass
+class _Broken:
+    offset: int
+    why: str
+    images: list[tuple[int, bytes]]
+    bad_targets: list[int] | None  # None: the header cannot say which
 
 
 def _jsb_block(blockno: int, gen: int, start_seq: int, start_off: int) -> bytearray:
@@ -62,6 +100,16 @@ def format_journal(f: HostFile) -> None:
     """Write fresh journal superblocks (start at sequence 1, offset 0)."""
     f.pwrite(JSB_A * mb.META, _jsb_block(JSB_A, 1, 1, 0))
     f.pwrite(JSB_B * mb.META, _jsb_block(JSB_B, 0, 1, 0))
+
+
+def reset_journal(f: HostFile, geom: Geometry, start_seq: int) -> None:
+    """Zero the ring and start it again at ``start_seq``, which must be above
+    every generation in place (so later replays are not skipped)."""
+    f.pwrite(JOURNAL_START * mb.META, bytes(geom.journal_blocks * mb.META))
+    f.flush()
+    f.pwrite(JSB_A * mb.META, _jsb_block(JSB_A, 1, start_seq, 0))
+    f.pwrite(JSB_B * mb.META, _jsb_block(JSB_B, 0, start_seq, 0))
+    f.flush()
 
 
 def read_jsb(f: HostFile) -> tuple[list[str], tuple[int, int, int] | None]:
@@ -81,6 +129,55 @@ def read_jsb(f: HostFile) -> tuple[list[str], tuple[int, int, int] | None]:
     return problems, best
 
 
+def _kind_at(geom: Geometry, bno: int) -> int:
+    if bno < geom.desc_start:
+        return mb.KIND_BITMAP
+    if bno < geom.ptr_start:
+        return mb.KIND_DESC
+    return mb.KIND_PTR
+
+
+def home_generation(f: HostFile, geom: Geometry) -> int:
+    """The newest generation among sound bitmap and descriptor blocks in
+    place. Every transaction changes at least one of them, so a transaction
+    with a sequence number at or below this one reached its home."""
+    lo, hi = geom.bitmap_start(0), geom.ptr_start
+    best = 0
+    step = 256
+    for first in range(lo, hi, step):
+        n = min(step, hi - first)
+        raw = f.pread(first * mb.META, n * mb.META)
+        for i in range(n):
+            buf = raw[i * mb.META:(i + 1) * mb.META]
+            if mb.is_sound(buf, _kind_at(geom, first + i), first + i):
+                best = max(best, mb.header(buf)[6])
+    return best
+
+
+def max_generation(f: HostFile, geom: Geometry) -> int:
+    """The newest generation of any sound metadata block (free pointer
+    blocks included), reading only the allocated parts of the region."""
+    lo, hi = geom.bitmap_start(0) * mb.META, geom.meta_end * mb.META
+    best = 0
+    pos = lo
+    while pos < hi:
+        try:
+            start = os.lseek(f.fd, pos, os.SEEK_DATA)
+            end = min(os.lseek(f.fd, start, os.SEEK_HOLE), hi)
+        except OSError:  # ENXIO: no data past pos
+            break
+        start -= start % mb.META
+        for off in range(start, end, 1 << 20):
+            raw = f.pread(off, min(1 << 20, end - off))
+            for i in range(0, len(raw) - mb.META + 1, mb.META):
+                bno = (off + i) // mb.META
+                buf = raw[i:i + mb.META]
+                if bno < geom.meta_end and mb.is_sound(buf, _kind_at(geom, bno), bno):
+                    best = max(best, mb.header(buf)[6])
+        pos = max(end, start + mb.META)
+    return best
+
+
 class Journal:
     def __init__(self, f: HostFile, geom: Geometry) -> None:
         self.f = f
@@ -91,6 +188,7 @@ class Journal:
         if best is None:
             raise JournalError("both journal superblocks are damaged: "
                                + "; ".join(problems) + " (run check --repair)")
+        self.jsb_problems = problems
         self.sb_gen, self.start_seq, self.start_off = best
         if not 0 <= self.start_off < self.ring_len:
             raise JournalError(f"journal start offset {self.start_off} outside the "
@@ -103,70 +201,125 @@ class Journal:
     def _read_ring(self, off: int, n: int) -> bytes:
         return self.f.pread((JOURNAL_START + off) * mb.META, n * mb.META)
 
-    def scan(self) -> tuple[list[JournalTxn], str, int]:
-        """Valid transactions from the start, the reason the scan stopped,
-        and the ring offset after the last valid one."""
-        txns: list[JournalTxn] = []
-        off, seq = self.start_off, self.start_seq
+    def _parse(self, ring: bytes, off: int, seq: int, n: int,
+               hdr: bytes) -> JournalTxn | _Broken:
+        """A whole transaction at ring offset ``off``, or what is left of it."""
+        M = mb.META
+        if not 1 <= n <= MAX_IMAGES or off + n + 2 > self.ring_len:
+            return _Broken(off, f"transaction {seq}: bad image count {n}", [], None)
         lo, hi = self.geom.bitmap_start(0), self.geom.meta_end
-        while True:
-            if off + 2 > self.ring_len:
-                return txns, "", off
-            hdr = self._read_ring(off, 1)
-            if not mb.is_sound(hdr, mb.KIND_JHEADER, JOURNAL_START + off):
-                return txns, self._why(hdr, off, seq), off
-            hseq, n, _ = _JHDR.unpack_from(hdr, mb.HDR)
-            if hseq != seq:
-                return txns, "", off  # an older transaction: end of the log
-            if not 1 <= n <= MAX_IMAGES or off + n + 2 > self.ring_len:
-                return txns, f"transaction {seq}: bad image count {n}", off
-            body = self._read_ring(off + 1, n + 1)
-            commit = body[n * mb.META:]
-            if not mb.is_sound(commit, mb.KIND_JCOMMIT, JOURNAL_START + off + n + 1):
-                return txns, f"transaction {seq}: torn (commit block missing or bad)", off
-            cseq, cn, ccrc = _JCOMMIT.unpack_from(commit, mb.HDR)
-            total = mb.crc32c(body[:n * mb.META], mb.crc32c(hdr))
-            if cseq != seq or cn != n or ccrc != total:
-                return txns, f"transaction {seq}: torn (commit does not match body)", off
-            images = []
-            for i in range(n):
-                target, crc, _ = _JENTRY.unpack_from(hdr, mb.HDR + _JHDR.size + i * _JENTRY.size)
-                img = body[i * mb.META:(i + 1) * mb.META]
-                if mb.crc32c(img) != crc or not lo <= target < hi:
-                    return txns, f"transaction {seq}: image {i} bad", off
-                if mb.header(img)[5] != target or mb.block_crc(img) != mb.header(img)[3]:
-                    return txns, f"transaction {seq}: image {i} not sealed for {target}", off
+        images: list[tuple[int, bytes]] = []
+        bad: list[int] = []
+        for i in range(n):
+            target, crc, _ = _JENTRY.unpack_from(hdr, mb.HDR + _JHDR.size + i * _JENTRY.size)
+            img = ring[(off + 1 + i) * M:(off + 2 + i) * M]
+            if not lo <= target < hi:
+                return _Broken(off, f"transaction {seq}: image {i} targets block "
+                               f"{target}, outside the metadata", [], None)
+            if (mb.crc32c(img) != crc or mb.header(img)[5] != target
+                    or mb.block_crc(img) != mb.header(img)[3]):
+                bad.append(target)
+            else:
                 images.append((target, img))
-            txns.append(JournalTxn(seq, off, images))
-            off += n + 2
-            seq += 1
+        commit = ring[(off + n + 1) * M:(off + n + 2) * M]
+        why = ""
+        if not mb.is_sound(commit, mb.KIND_JCOMMIT, JOURNAL_START + off + n + 1):
+            why = f"transaction {seq}: torn (commit block missing or bad)"
+        else:
+            cseq, cn, ccrc = _JCOMMIT.unpack_from(commit, mb.HDR)
+            total = mb.crc32c(ring[(off + 1) * M:(off + 1 + n) * M], mb.crc32c(hdr))
+            if cseq != seq or cn != n or ccrc != total:
+                why = f"transaction {seq}: torn (commit does not match body)"
+        if bad:
+            why = why or f"transaction {seq}: {len(bad)} images damaged"
+        if why:
+            return _Broken(off, why, images, bad)
+        return JournalTxn(seq, off, images)
 
-    @staticmethod
-    def _why(hdr: bytes, off: int, seq: int) -> str:
-        if hdr.count(0) == len(hdr):
-            return ""
-        magic, kind = struct.unpack_from("<IH", hdr, 0)
-        if magic == mb.MAGIC and kind == mb.KIND_JHEADER:
-            return f"transaction {seq} at ring offset {off}: torn header"
-        return ""  # stale contents past the end of the log
+    def scan(self) -> ScanResult:
+        """Decide what replay applies: see the module docstring."""
+        ring = self._read_ring(0, self.ring_len)
+        valid: dict[int, JournalTxn] = {}
+        broken: dict[int, _Broken] = {}
+        for off in range(self.ring_len - 1):
+            hdr = ring[off * mb.META:(off + 1) * mb.META]
+            if not mb.is_sound(hdr, mb.KIND_JHEADER, JOURNAL_START + off):
+                continue
+            seq, n, _ = _JHDR.unpack_from(hdr, mb.HDR)
+            if seq < self.start_seq:
+                continue  # checkpointed: at home already
+            got = self._parse(ring, off, seq, n, hdr)
+            if isinstance(got, JournalTxn):
+                valid.setdefault(seq, got)
+            else:
+                broken.setdefault(seq, got)
+        home = home_generation(self.f, self.geom)
+        seen = set(valid) | set(broken)
+        top = max(seen | {home, self.start_seq - 1})
+        # with a journal superblock lost, the one left may be older: the
+        # transactions it still points at may have been overwritten by a
+        # later lap after being checkpointed, so gaps below the oldest one
+        # found are not damage
+        lowest = self.start_seq if not self.jsb_problems else min(valid, default=top + 1)
+        txns: list[JournalTxn] = []
+        damaged: list[str] = []
+        lost: list[str] = []
+        stopped = ""
+        for seq in range(lowest, top + 1):
+            if seq in valid:
+                txns.append(valid[seq])
+                continue
+            committed = seq <= home or any(s > seq for s in seen)
+            b = broken.get(seq)
+            if not committed:
+                stopped = b.why if b else ""
+                break  # a crash mid-commit: the end of the log
+            if b is None:
+                lost.append(f"transaction {seq} was committed but its journal record "
+                            f"is unreadable")
+                continue
+            txns.append(JournalTxn(seq, b.offset, b.images))
+            if b.bad_targets is None:
+                lost.append(f"{b.why}; it was committed and cannot be replayed")
+                continue
+            missing = [t for t in b.bad_targets if not self._home_at_least(t, seq)]
+            if missing:
+                lost.append(f"{b.why}; committed changes to metadata blocks "
+                            f"{', '.join(map(str, missing))} cannot be replayed")
+            else:
+                damaged.append(f"{b.why}; it was committed and is recovered from "
+                               f"its intact images")
+        return ScanResult(txns, stopped, damaged, lost, top)
 
-    def replay(self, apply: Callable[[int, bytes], None] | None = None) -> ReplayReport:
-        """Redo every committed transaction in place, then checkpoint."""
-        txns, why, end = self.scan()
-        rep = ReplayReport(stopped=why, first_seq=self.start_seq)
-        for t in txns:
+    def _home_at_least(self, target: int, seq: int) -> bool:
+        buf = self.f.pread(target * mb.META, mb.META)
+        return (mb.is_sound(buf, _kind_at(self.geom, target), target)
+                and mb.header(buf)[6] >= seq)
+
+    def replay(self, apply: Callable[[int, bytes], None] | None = None, *,
+               scan: ScanResult | None = None) -> ReplayReport:
+        """Redo committed transactions in sequence order, writing an image
+        only over an older or damaged block, then checkpoint."""
+        res = scan if scan is not None else self.scan()
+        rep = ReplayReport(stopped=res.stopped, first_seq=self.start_seq,
+                           damaged=list(res.damaged), lost=list(res.lost))
+        for t in res.txns:
             for target, img in t.images:
+                if self._home_at_least(target, t.seq):
+                    rep.skipped += 1
+                    continue
                 if apply is not None:
                     apply(target, img)
                 else:
                     self.f.pwrite(target * mb.META, img)
                 rep.images += 1
             rep.replayed += 1
-        self.head = end
-        self.next_seq = self.start_seq + len(txns)
+        self.next_seq = res.last_seq + 1
         rep.next_seq = self.next_seq
-        if txns:
-            self.checkpoint()
+        if res.txns or self.next_seq != self.start_seq or self.jsb_problems:
+            self.checkpoint(wrap=True)
+        else:
+            self.head = self.start_off
         return rep
 
     # -- writing -----------------------------------------------------------

@@ -13,6 +13,7 @@ the scatter-gather write path is in ``writepath``.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -29,6 +30,8 @@ from hvkit.storage.journal import Journal, ReplayReport, format_journal
 from hvkit.storage.metacache import MetaCache
 from hvkit.storage.superblock import (RES_BLOCK, RES_PTR, RES_SUB, SB_BACKUP,
                                       SB_PRIMARY, Geometry)
+
+log = logging.getLogger(__name__)
 
 Buffer = bytes | bytearray | memoryview
 SGElement = tuple[Buffer, int]
@@ -135,14 +138,20 @@ class Volume:
             raise StorageError(f"volume file {f.path!r} is truncated: {f.size()} bytes, "
                                f"metadata alone needs {geom.sub_offset}")
         journal = Journal(f, geom)
+        scan = journal.scan()
+        if scan.lost:
+            raise StorageError(f"volume {f.path!r}: the journal lost committed changes ("
+                               + "; ".join(scan.lost[:3]) + "): run hvkit disk check "
+                               "--repair to see what is left")
         if f.read_only:
-            pending, _, _ = journal.scan()
-            if pending:
-                raise StorageError(f"volume {f.path!r} has {len(pending)} journal "
+            if scan.txns:
+                raise StorageError(f"volume {f.path!r} has {len(scan.txns)} journal "
                                    f"transactions to replay: open it read-write first")
             report = ReplayReport(first_seq=journal.start_seq, next_seq=journal.next_seq)
         else:
-            report = journal.replay()
+            report = journal.replay(scan=scan)
+            for why in report.damaged:
+                log.warning("%s: %s", f.path, why)
         vol = cls(f, geom, report)
         vol.journal = journal
         vol._load_files()
