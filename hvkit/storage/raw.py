@@ -212,10 +212,21 @@ class RawFileBackend:
                     if pos != start or end != end_al:
                         self._pread_full(span, start)
                     span[pos - start:pos - start + n] = data[done:done + n]  # type: ignore[index]
-                    self._pwrite_full(span, start)
+                    self._write_span(span, start)
                 done += n
         finally:
             bounce.release()
+
+    def _write_span(self, span: memoryview, start: int) -> None:
+        """Write an aligned span of the bounce buffer. At the end of a file
+        whose size is not a multiple of the alignment, O_DIRECT can only
+        write whole aligned blocks, so the write runs past the end of the
+        file; cut the file back to its size, or the disk would grow."""
+        end = start + span.nbytes
+        file_end = os.fstat(self._fd).st_size if end > self.size else end
+        self._pwrite_full(span, start)
+        if end > file_end:
+            os.ftruncate(self._fd, file_end)
 
     def flush(self) -> None:
         if self._fd < 0:

@@ -59,8 +59,8 @@ cdef extern from "engine.h":
     int nvme_add_region(nvme_engine *e, uint64_t gpa, uint64_t size, uint8_t *hva)
     int nvme_add_ns(nvme_engine *e, uint32_t nsid, int fd, int lba_shift, uint64_t size,
                     int read_only, uint32_t align)
-    void nvme_create_cq(nvme_engine *e, uint16_t qid, uint64_t gpa, uint32_t size,
-                        uint32_t vector, int ien, uint32_t tail, uint32_t phase)
+    int nvme_create_cq(nvme_engine *e, uint16_t qid, uint64_t gpa, uint32_t size,
+                       uint32_t vector, int ien, uint32_t tail, uint32_t phase)
     int nvme_create_sq(nvme_engine *e, uint16_t qid, uint64_t gpa, uint32_t size,
                        uint16_t cqid, uint32_t head)
     void nvme_delete_sq(nvme_engine *e, uint16_t qid)
@@ -183,12 +183,16 @@ cdef class NativeEngine:
                   uint32_t tail=0, uint32_t phase=1):
         if not 0 <= qid < NVME_QID_LIMIT or size < 1:
             raise ValueError(f"CQ {qid} of {size} entries")
-        nvme_create_cq(self.e, qid, gpa, size, vector, ien, tail, phase)
+        if nvme_create_cq(self.e, qid, gpa, size, vector, ien, tail, phase):
+            raise ValueError(f"CQ {qid} of {size} entries: tail {tail}, phase {phase}")
 
     def create_sq(self, qid, uint64_t gpa, uint32_t size, cqid, uint32_t head=0):
         if not 0 <= qid < NVME_QID_LIMIT or not 0 <= cqid < NVME_QID_LIMIT or size < 1:
             raise ValueError(f"SQ {qid} of {size} entries on CQ {cqid}")
-        if nvme_create_sq(self.e, qid, gpa, size, cqid, head):
+        rc = nvme_create_sq(self.e, qid, gpa, size, cqid, head)
+        if rc == -22:
+            raise ValueError(f"SQ {qid} of {size} entries: head {head}")
+        if rc:
             raise KeyError(cqid)
 
     def delete_sq(self, qid):

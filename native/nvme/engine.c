@@ -18,6 +18,7 @@
 #include <string.h>
 #include <linux/io_uring.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -418,7 +419,12 @@ int nvme_engine_init(struct nvme_engine *e, uint8_t *page, uint64_t max_transfer
                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (e->bounce == MAP_FAILED)
         e->bounce = NULL;
-    if (!e->sqs || !e->cqs || !e->runs || !e->results || !e->bounce) {
+    /* read-only zero pages: address space only, allocated here and not on
+     * first use so that engines on several threads never race for it */
+    e->zeros = mmap(NULL, BOUNCE_CHUNK, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (e->zeros == MAP_FAILED)
+        e->zeros = NULL;
+    if (!e->sqs || !e->cqs || !e->runs || !e->results || !e->bounce || !e->zeros) {
         nvme_engine_free(e);
         return -ENOMEM;
     }
@@ -434,6 +440,9 @@ void nvme_engine_free(struct nvme_engine *e)
     uring_free(e);
     if (e->bounce)
         munmap(e->bounce, e->bounce_size);
+    if (e->zeros)
+        munmap(e->zeros, BOUNCE_CHUNK);
+    e->zeros = NULL;
     e->sqs = NULL;
     e->cqs = NULL;
     e->runs = NULL;
@@ -472,18 +481,22 @@ static void order_remove(uint16_t *order, int *n, uint16_t qid)
     }
 }
 
-void nvme_create_cq(struct nvme_engine *e, uint16_t qid, uint64_t gpa, uint32_t size,
-                    uint32_t vector, int ien, uint32_t tail, uint32_t phase)
+int nvme_create_cq(struct nvme_engine *e, uint16_t qid, uint64_t gpa, uint32_t size,
+                   uint32_t vector, int ien, uint32_t tail, uint32_t phase)
 {
+    /* a tail at or past the end would never wrap: entries off the ring */
+    if (size == 0 || size > NVME_QID_LIMIT || tail >= size || phase > 1)
+        return -EINVAL;
     struct nvme_cq *cq = &e->cqs[qid];
     if (!cq->used)
         e->cq_order[e->ncq++] = qid;
-    *cq = (struct nvme_cq){.used = 1, .qid = qid, .gpa = gpa, .size = size ? size : 1,
+    *cq = (struct nvme_cq){.used = 1, .qid = qid, .gpa = gpa, .size = size,
                            .head = tail, .tail = tail, .phase = phase, .vector = vector,
                            .ien = ien};
     if (e->dbbuf && qid)
         shadow_write(e, e->eventidx_gpa, qid, 1, (tail - 1) & 0xFFFF);
     publish_queue(e, qid);
+    return 0;
 }
 
 int nvme_create_sq(struct nvme_engine *e, uint16_t qid, uint64_t gpa, uint32_t size,
@@ -491,12 +504,14 @@ int nvme_create_sq(struct nvme_engine *e, uint16_t qid, uint64_t gpa, uint32_t s
 {
     if (!e->cqs[cqid].used)
         return -ENOENT;
+    if (size == 0 || size > NVME_QID_LIMIT || head >= size)
+        return -EINVAL;
     struct nvme_sq *sq = &e->sqs[qid];
     if (sq->used)
         order_remove(e->sq_order, &e->nsq, qid);
     e->sq_order[e->nsq++] = qid;
     *sq = (struct nvme_sq){.used = 1, .qid = qid, .cqid = cqid, .gpa = gpa,
-                           .size = size ? size : 1, .head = head, .tail = head};
+                           .size = size, .head = head, .tail = head};
     if (e->dbbuf && qid)
         shadow_write(e, e->eventidx_gpa, qid, 0, head);
     publish_queue(e, qid);
@@ -710,9 +725,12 @@ void nvme_recover(struct nvme_engine *e)
             memcpy(&dw3, raw + 12, 4);
             if (((dw3 >> 16) & 1) != cq->phase)
                 break;
+            /* ours names an SQ of this CQ and a head inside it; anything
+             * else the guest wrote there itself */
             struct nvme_sq *sq = &e->sqs[sqid];
-            if (sq->used && sq->cqid == cq->qid && sqhd < sq->size)
-                sq->head = sqhd;
+            if (!sq->used || sq->cqid != cq->qid || sqhd >= sq->size)
+                break;
+            sq->head = sqhd;
             cq->tail++;
             if (cq->tail == cq->size) {
                 cq->tail = 0;
@@ -884,8 +902,20 @@ static int bounced(struct nvme_engine *e, struct nvme_ns *ns, uint64_t offset, u
                 if ((r = pread_full(ns->fd, span, end_al - start, start)))
                     return r;
             memcpy(span + (pos - start), buf + done, n);
+            /* at the end of a file whose size is not a multiple of the
+             * alignment, O_DIRECT writes a whole block past the end: cut
+             * the file back, or the namespace grows on the next open */
+            uint64_t file_end = end_al;
+            if (end_al > ns->size) {
+                struct stat st;
+                if (fstat(ns->fd, &st))
+                    return -errno;
+                file_end = (uint64_t)st.st_size;
+            }
             if ((r = pwrite_full(ns->fd, span, end_al - start, start)))
                 return r;
+            if (end_al > file_end && ftruncate(ns->fd, (off_t)file_end))
+                return -errno;
         }
         done += n;
     }
@@ -931,20 +961,13 @@ static int ns_write_zeroes(struct nvme_engine *e, struct nvme_ns *ns, uint64_t o
     r = ns_fallocate(ns, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, len);
     if (r)
         return r < 0 ? r : 0;
-    /* write zeros from an aligned zeroed buffer (the bounce's second half
-     * would be clobbered by bounced(); use a private zero page run) */
-    static uint8_t *zeros;
-    if (!zeros) {
-        zeros = mmap(NULL, BOUNCE_CHUNK, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        if (zeros == MAP_FAILED) {
-            zeros = NULL;
-            return -ENOMEM;
-        }
-    }
+    /* write zeros from the engine's aligned zero buffer (not the bounce:
+     * bounced() fills that) */
+    const uint8_t *zeros = e->zeros;
     uint64_t done = 0;
     while (done < len) {
         uint64_t n = len - done < BOUNCE_CHUNK ? len - done : BOUNCE_CHUNK;
-        if ((r = ns_io(e, ns, off + done, zeros, n, 1)))
+        if ((r = ns_io(e, ns, off + done, (uint8_t *)zeros, n, 1)))
             return r;
         done += n;
     }

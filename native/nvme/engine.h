@@ -116,6 +116,7 @@ struct nvme_engine {
     uint64_t batches, batched_ios;
     uint8_t *bounce;                /* aligned, for O_DIRECT with unaligned buffers */
     size_t bounce_size;
+    uint8_t *zeros;                 /* read-only zeros for Write Zeroes without fallocate */
 };
 
 /* set-up / tear-down; 0 or -errno */
@@ -129,8 +130,9 @@ int nvme_add_ns(struct nvme_engine *e, uint32_t nsid, int fd, int lba_shift, uin
                 int read_only, uint32_t align);
 
 /* control plane (engine.py names) */
-void nvme_create_cq(struct nvme_engine *e, uint16_t qid, uint64_t gpa, uint32_t size,
-                    uint32_t vector, int ien, uint32_t tail, uint32_t phase);
+/* -EINVAL for a size of 0 or over 65536, or a tail/head not inside the ring */
+int nvme_create_cq(struct nvme_engine *e, uint16_t qid, uint64_t gpa, uint32_t size,
+                   uint32_t vector, int ien, uint32_t tail, uint32_t phase);
 int nvme_create_sq(struct nvme_engine *e, uint16_t qid, uint64_t gpa, uint32_t size,
                    uint16_t cqid, uint32_t head);
 void nvme_delete_sq(struct nvme_engine *e, uint16_t qid);

@@ -471,3 +471,100 @@ def test_a_batch_runs_through_io_uring_and_completes_in_order(tmp_path):
         assert s.irq_counts()[1] == 2
     finally:
         s.close()
+
+
+# -- fuzz findings -------------------------------------------------------------------
+
+def test_a_write_to_the_last_lbas_keeps_the_image_size(tmp_path):
+    """A 4 KiB O_DIRECT alignment, 512-byte LBAs and an image whose size is
+    not a 4 KiB multiple: the bounce buffer's read-modify-write of the last
+    block must not grow the file (the namespace would grow on next open)."""
+    path = tmp_path / "odd.img"
+    size = 16 * 4096 + 1536
+    path.write_bytes(bytes(size) + b"T" * 100)       # 100 bytes that are not the disk's
+    mem = GuestMemory([MemoryRegion(0, LOW, name="low")])
+    page = mmap.mmap(-1, CTRL_PAGE_SIZE)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        eng = native.NativeEngine(page, MDTS)
+        eng.add_region(0, LOW, mem.region_of(0).mapping)
+        eng.add_namespace(1, fd, 9, size, False, 4096)
+        data = os.urandom(2048)
+        mem.write(0x10_0000, data)
+        last = size // 512 - 4
+        assert eng.execute(rw(S.IO_WRITE, slba=last, nlb=4)) == S.SUCCESS
+        assert os.fstat(fd).st_size == size + 100
+        raw = path.read_bytes()
+        assert raw[size - 2048:size] == data
+        assert raw[size:] == b"T" * 100
+        mem.fill(0x10_0000, 2048)
+        assert eng.execute(rw(S.IO_READ, slba=last, nlb=4)) == S.SUCCESS
+        assert mem.read(0x10_0000, 2048) == data
+        del eng
+    finally:
+        os.close(fd)
+        mem.close()
+
+
+@pytest.mark.parametrize("which", ["python", "native"])
+def test_recovery_ignores_an_entry_the_guest_forged(tmp_path, which):
+    """After a restart, an entry at the CQ tail with the current phase that
+    names no SQ of this CQ (or an SQ head past the ring) was not posted by
+    the dead process: the CQ tail and SQ heads stay where they were."""
+    s = Side(tmp_path, which)
+    try:
+        e, mem = s.e, s.mem
+        e.create_cq(1, 0x1B_0000, 8, 1, True, tail=2, phase=1)
+        e.create_sq(1, 0x1A_0000, 16, 1, head=3)
+        for forged in ((999, 9), (999, 1), (5, 7)):      # (sqhd, sqid)
+            mem.write(0x1B_0000 + 32, struct.pack("<IIHHI", 0, 0, *forged, 1 << 16 | 77))
+            e.recover()
+            assert read_queue_state(memoryview(s.page), 1) == (3, 2, 1), forged
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("which", ["python", "native"])
+def test_queue_positions_past_the_ring_are_refused(tmp_path, which):
+    """A CQ tail or SQ head >= the queue size would defeat the wrap and
+    walk completions off the end of the ring."""
+    s = Side(tmp_path, which)
+    try:
+        e = s.e
+        with pytest.raises(ValueError):
+            e.create_cq(1, 0x1B_0000, 8, 1, True, tail=8, phase=1)
+        e.create_cq(1, 0x1B_0000, 8, 1, True, tail=7, phase=1)
+        with pytest.raises(ValueError):
+            e.create_sq(1, 0x1A_0000, 16, 1, head=16)
+        with pytest.raises(ValueError):
+            e.create_sq(1, 0x1A_0000, 16, 1, head=0xFFFF_FFFF)
+        e.create_sq(1, 0x1A_0000, 16, 1, head=15)
+    finally:
+        s.close()
+
+
+def test_write_zeroes_without_fallocate_from_many_engines(tmp_path):
+    """Write Zeroes where fallocate is refused (a character device) writes
+    from a zero buffer; engines on several threads at once all succeed."""
+    import threading
+    fd = os.open("/dev/null", os.O_RDWR)
+    mem = GuestMemory([MemoryRegion(0, LOW, name="low")])
+    results = []
+
+    def one():
+        page = mmap.mmap(-1, CTRL_PAGE_SIZE)
+        eng = native.NativeEngine(page, MDTS)
+        eng.add_region(0, LOW, mem.region_of(0).mapping)
+        eng.add_namespace(1, fd, 9, 64 << 20, False, 1)
+        results.extend(eng.execute(rw(S.IO_WRITE_ZEROES, slba=0, nlb=0x10000)) for _ in range(8))
+
+    try:
+        threads = [threading.Thread(target=one) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results == [S.SUCCESS] * 32
+    finally:
+        os.close(fd)
+        mem.close()

@@ -147,6 +147,9 @@ class QueueEngine:
 
     def create_cq(self, qid: int, gpa: int, size: int, vector: int, ien: bool,
                   tail: int = 0, phase: int = 1) -> CompletionQueue:
+        if not 1 <= size <= 65536 or not 0 <= tail < size or phase not in (0, 1):
+            # a tail past the end would never wrap: entries off the ring
+            raise ValueError(f"CQ {qid} of {size} entries: tail {tail}, phase {phase}")
         cq = CompletionQueue(qid, gpa, size, vector, ien, tail=tail, phase=phase)
         cq.head = tail
         self.cqs[qid] = cq
@@ -156,6 +159,8 @@ class QueueEngine:
         return cq
 
     def create_sq(self, qid: int, gpa: int, size: int, cqid: int, head: int = 0) -> SubmissionQueue:
+        if not 1 <= size <= 65536 or not 0 <= head < size:
+            raise ValueError(f"SQ {qid} of {size} entries: head {head}")
         sq = SubmissionQueue(qid, gpa, size, cqid, head=head, tail=head)
         self.sqs[qid] = sq
         self.cqs[cqid].sqs.add(qid)
@@ -424,8 +429,9 @@ class QueueEngine:
                 if (dw3 >> 16) & 1 != cq.phase:
                     break
                 sq = self.sqs.get(sqid)
-                if sq is not None and sq.cqid == cq.qid and sqhd < sq.size:
-                    sq.head = sqhd
+                if sq is None or sq.cqid != cq.qid or sqhd >= sq.size:
+                    break       # not one of ours: the guest wrote it there
+                sq.head = sqhd
                 cq.tail += 1
                 if cq.tail == cq.size:
                     cq.tail = 0
