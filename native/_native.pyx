@@ -9,7 +9,8 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.errno cimport errno
 from libc.string cimport memcpy, memset
 from posix.ioctl cimport ioctl
-from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
+from posix.mman cimport (mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_ANONYMOUS,
+                         MAP_FAILED)
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
 from cpython.bytes cimport PyBytes_FromStringAndSize
 
@@ -18,6 +19,7 @@ from runloop cimport *
 include "kvm_api.pxi"
 
 from hvkit.errors import KvmError
+from hvkit.devices.bus import DeviceReplyError
 
 RUN_EXIT = HV_RUN_EXIT
 RUN_INTERRUPTED = HV_RUN_INTERRUPTED
@@ -111,10 +113,20 @@ cdef class ConsoleSink:
                 hv_sink_write(&self.s, &data[0], data.shape[0])
 
     def getvalue(self) -> bytes:
-        return PyBytes_FromStringAndSize(<char *>self.s.buf, self.s.len)
+        # The lock keeps a vCPU's append (which may move the buffer) out
+        # while the bytes are copied.
+        with nogil:
+            hv_sink_lock(&self.s)
+        try:
+            return PyBytes_FromStringAndSize(<char *>self.s.buf, self.s.len)
+        finally:
+            hv_sink_unlock(&self.s)
 
     def clear(self):
-        self.s.len = 0
+        with nogil:
+            hv_sink_lock(&self.s)
+            self.s.len = 0
+            hv_sink_unlock(&self.s)
 
     @property
     def fd(self) -> int:
@@ -122,11 +134,27 @@ cdef class ConsoleSink:
 
     @fd.setter
     def fd(self, int fd):
-        self.s.fd = fd
+        with nogil:
+            hv_sink_lock(&self.s)
+            self.s.fd = fd
+            self.s.stalled = 0
+            hv_sink_unlock(&self.s)
 
     @property
     def dropped(self) -> int:
+        """Bytes the in-memory buffer had no room for (past ``limit``)."""
         return self.s.dropped
+
+    @property
+    def fd_dropped(self) -> int:
+        """Bytes not written to ``fd`` because it stayed full (a console
+        pipe nobody reads): dropped so the guest never waits on it."""
+        return self.s.fd_dropped
+
+    @property
+    def stalled(self) -> bool:
+        """True while ``fd`` is full and live output is being dropped."""
+        return self.s.stalled != 0
 
     def __len__(self):
         return self.s.len
@@ -173,14 +201,10 @@ cdef class NativeVm:
             raise ValueError(f"at most {HV_MAX_PORTS} natively served port ranges")
         if not (0 <= base and base + length <= 0x10000 and length > 0):
             raise ValueError(f"port range {base:#x}+{length} is outside the I/O space")
-        cdef hv_port *p = &self.ports.ports[self.ports.n]
-        p.base = base
-        p.len = length
-        p.kind = kind
-        p.state = st
-        p.hits = 0
-        self.ports.n += 1
-        return self.ports.n - 1
+        cdef int index = hv_ports_add(&self.ports, base, length, kind, st)
+        if index < 0:
+            raise ValueError(f"port range {base:#x}+{length} refused")
+        return index
 
     def add_serial(self, int base, SerialFastPath serial not None) -> int:
         self._keep.append(serial)
@@ -219,23 +243,79 @@ cdef class NativeVm:
         self.state.exit_code = 0
 
 
+cdef object _device_name(bus, addr):
+    """The name of the device at ``addr`` on ``bus``, for error messages."""
+    where = f"{getattr(bus, 'name', type(bus).__name__)} at {addr:#x}"
+    find = getattr(bus, "find", None)
+    if find is not None:
+        try:
+            m = find(addr)
+        except Exception:
+            m = None
+        name = getattr(m, "name", None)
+        if name:
+            return f"{name} ({where})"
+    return f"the device on {where}"
+
+
+cdef object _bad_reply(bus, addr, size_t size, reply):
+    if isinstance(reply, (bytes, bytearray, memoryview)):
+        got = f"{memoryview(reply).nbytes} bytes"
+    else:
+        got = f"a {type(reply).__name__}"
+    return DeviceReplyError(f"{_device_name(bus, addr)} answered a {size}-byte read "
+                            f"with {got}; a device read returns exactly {size} bytes")
+
+
+cdef int _copy_reply(unsigned char *dst, bus, addr, size_t size, reply) except -1:
+    """Copy a device's read reply into guest-visible memory, refusing any
+    reply that is not exactly ``size`` bytes (a short one would hand the
+    guest host heap)."""
+    cdef const unsigned char[::1] view
+    if type(reply) is bytes:
+        if <size_t>len(<bytes>reply) != size:
+            raise _bad_reply(bus, addr, size, reply)
+        memcpy(dst, <char *><bytes>reply, size)
+        return 0
+    try:
+        view = memoryview(reply).cast("B")
+    except (TypeError, ValueError):
+        raise _bad_reply(bus, addr, size, reply) from None
+    if <size_t>view.shape[0] != size:
+        raise _bad_reply(bus, addr, size, reply)
+    if size:
+        memcpy(dst, &view[0], size)
+    return 0
+
+
 cdef class VcpuRunner:
     """The kvm_run mapping of one vCPU and its run loop."""
     cdef hv_runner r
     cdef kvm_run *krun
-    cdef size_t map_size
+    cdef readonly size_t map_size
     cdef readonly NativeVm vm
     cdef readonly int fd
 
     def __cinit__(self, int fd, int vcpu_id, size_t map_size, NativeVm vm not None):
-        cdef void *p = mmap(NULL, map_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+        cdef void *p
+        if fd >= 0:
+            p = mmap(NULL, map_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+        else:  # detached: a private kvm_run page for exercising exit handling
+            p = mmap(NULL, map_size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0)
         if p == MAP_FAILED:
             raise KvmError("mmap(kvm_run)", errno)
         self.krun = <kvm_run *>p
         self.map_size = map_size
         self.vm = vm
         self.fd = fd
-        hv_runner_init(&self.r, fd, vcpu_id, self.krun, &vm.ports, &vm.state)
+        hv_runner_init(&self.r, fd, vcpu_id, self.krun, map_size, &vm.ports, &vm.state)
+
+    @classmethod
+    def detached(cls, NativeVm vm not None, size_t map_size=3 * 4096):
+        """A runner with no vCPU behind it: its kvm_run is plain memory that
+        ``write_raw`` forges, so exit handling (``serve_native``,
+        ``serve_io``, ``serve_mmio``) can be driven with hostile values."""
+        return cls(-1, 0, map_size, vm)
 
     def __dealloc__(self):
         if self.krun != NULL:
@@ -245,10 +325,20 @@ cdef class VcpuRunner:
     def run(self) -> int:
         """KVM_RUN until an exit needs Python; the GIL is released throughout."""
         cdef int rc
+        if self.fd < 0:
+            raise KvmError("KVM_RUN", 9, "a detached runner has no vCPU")
         with nogil:
             rc = hv_run(&self.r)
         if rc < 0:
             raise KvmError("KVM_RUN", -rc)
+        return rc
+
+    def serve_native(self) -> int:
+        """Offer the current IO exit to the native port table, as the run
+        loop does: 1 served, 2 the guest asked to exit, 0 left for Python."""
+        cdef int rc
+        with nogil:
+            rc = hv_serve_port(&self.r, self.krun)
         return rc
 
     def kick(self):
@@ -281,15 +371,16 @@ cdef class VcpuRunner:
 
     def raw(self, size_t offset, size_t size) -> bytes:
         """A copy of kvm_run bytes (for decoding the less frequent exits)."""
-        if offset + size > self.map_size:
+        if offset > self.map_size or size > self.map_size - offset:
             raise ValueError("outside the kvm_run mapping")
         return PyBytes_FromStringAndSize(<char *>self.krun + offset, size)
 
     def write_raw(self, size_t offset, const unsigned char[:] data not None):
-        if offset + data.shape[0] > self.map_size:
+        cdef size_t n = data.shape[0]
+        if offset > self.map_size or n > self.map_size - offset:
             raise ValueError("outside the kvm_run mapping")
-        if data.shape[0]:
-            memcpy(<char *>self.krun + offset, &data[0], data.shape[0])
+        if n:
+            memcpy(<char *>self.krun + offset, &data[0], n)
 
     def io(self):
         """(is_out, size, port, count) of the current IO exit."""
@@ -297,34 +388,42 @@ cdef class VcpuRunner:
         return io.direction == 1, io.size, io.port, io.count
 
     def serve_io(self, bus):
-        """Resolve the current IO exit through ``bus`` (Python devices)."""
+        """Resolve the current IO exit through ``bus`` (Python devices).
+
+        Every read reply must be exactly the access size (bytes-like);
+        anything else raises DeviceReplyError naming the device."""
         cdef hv_io_t *io = HV_IO(self.krun)
+        if not hv_io_data_ok(self.krun, self.map_size):
+            raise KvmError("KVM_RUN", 22, f"IO exit data outside kvm_run (size {io.size}, "
+                           f"count {io.count}, offset {io.data_offset:#x})")
         cdef unsigned char *data = <unsigned char *>self.krun + io.data_offset
-        cdef uint32_t size = io.size, i
+        cdef uint32_t size = io.size, count = io.count, i
         cdef uint16_t port = io.port
-        cdef bytes chunk
-        if size * io.count > self.map_size - io.data_offset:
-            raise KvmError("KVM_RUN", 22, "IO exit data outside kvm_run")
         if io.direction == 1:
-            for i in range(io.count):
-                bus.write(port, PyBytes_FromStringAndSize(<char *>data + i * size, size))
+            for i in range(count):
+                bus.write(port, PyBytes_FromStringAndSize(<char *>data + <size_t>i * size, size))
         else:
-            for i in range(io.count):
-                chunk = bus.read(port, size)
-                memcpy(data + i * size, <char *>chunk, size)
+            for i in range(count):
+                _copy_reply(data + <size_t>i * size, bus, port, size, bus.read(port, size))
+
+    cdef uint32_t _mmio_len(self) except 0:
+        cdef hv_mmio_t *m = HV_MMIO(self.krun)
+        if m.len == 0 or m.len > 8:
+            raise KvmError("KVM_RUN", 22, f"MMIO exit of {m.len} bytes (1 to 8 fit kvm_run)")
+        return m.len
 
     def mmio(self):
         """(phys_addr, length, is_write, data) of the current MMIO exit."""
         cdef hv_mmio_t *m = HV_MMIO(self.krun)
-        cdef uint32_t n = m.len if m.len <= 8 else 8
+        cdef uint32_t n = self._mmio_len()
         return m.phys_addr, n, m.is_write != 0, PyBytes_FromStringAndSize(<char *>m.data, n)
 
     def serve_mmio(self, bus):
+        """Resolve the current MMIO exit through ``bus``; read replies are
+        checked as in ``serve_io``."""
         cdef hv_mmio_t *m = HV_MMIO(self.krun)
-        cdef uint32_t n = m.len if m.len <= 8 else 8
-        cdef bytes chunk
+        cdef uint32_t n = self._mmio_len()
         if m.is_write:
             bus.write(m.phys_addr, PyBytes_FromStringAndSize(<char *>m.data, n))
         else:
-            chunk = bus.read(m.phys_addr, n)
-            memcpy(m.data, <char *>chunk, n)
+            _copy_reply(m.data, bus, m.phys_addr, n, bus.read(m.phys_addr, n))

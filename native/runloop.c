@@ -2,6 +2,8 @@
 #include "runloop.h"
 
 #include <errno.h>
+#include <limits.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -48,23 +50,45 @@ static void sink_append(hv_sink *s, const unsigned char *p, size_t n)
     s->dropped += n - take;
 }
 
+/* Live output to s->fd without ever blocking for long: wait up to
+ * HV_SINK_STALL_MS for room, then mark the fd stalled and drop what does not
+ * fit (counted in fd_dropped) until it drains again. Chunks of PIPE_BUF bytes
+ * never block once poll() reports room in a pipe. */
+static void sink_to_fd(hv_sink *s, const unsigned char *p, size_t n)
+{
+    size_t off = 0;
+    while (off < n) {
+        struct pollfd pfd = { .fd = s->fd, .events = POLLOUT };
+        int pr = poll(&pfd, 1, s->stalled ? 0 : HV_SINK_STALL_MS);
+        if (pr < 0 && errno == EINTR)
+            continue;
+        if (pr == 0)
+            s->stalled = 1;
+        if (pr <= 0 || !(pfd.revents & POLLOUT))
+            break;   /* full, closed or invalid: a console must not stop the guest */
+        s->stalled = 0;
+        size_t chunk = n - off < PIPE_BUF ? n - off : PIPE_BUF;
+        ssize_t w = write(s->fd, p + off, chunk);
+        if (w < 0 && (errno == EINTR || errno == EAGAIN))
+            continue;
+        if (w <= 0)
+            break;
+        off += (size_t)w;
+    }
+    s->fd_dropped += n - off;
+}
+
 void hv_sink_write(hv_sink *s, const unsigned char *p, size_t n)
 {
     pthread_mutex_lock(&s->lock);
     sink_append(s, p, n);
-    if (s->fd >= 0) {
-        size_t off = 0;
-        while (off < n) {
-            ssize_t w = write(s->fd, p + off, n - off);
-            if (w < 0 && errno == EINTR)
-                continue;
-            if (w <= 0)
-                break;   /* a closed console must not stop the guest */
-            off += (size_t)w;
-        }
-    }
+    if (s->fd >= 0)
+        sink_to_fd(s, p, n);
     pthread_mutex_unlock(&s->lock);
 }
+
+void hv_sink_lock(hv_sink *s) { pthread_mutex_lock(&s->lock); }
+void hv_sink_unlock(hv_sink *s) { pthread_mutex_unlock(&s->lock); }
 
 static void kick_handler(int sig) { (void)sig; }
 
@@ -81,12 +105,13 @@ int hv_kick_signal_install(void)
 }
 
 void hv_runner_init(hv_runner *r, int fd, int vcpu_id, struct kvm_run *run,
-                    hv_ports *ports, hv_vmstate *vm)
+                    size_t map_size, hv_ports *ports, hv_vmstate *vm)
 {
     memset(r, 0, sizeof(*r));
     r->fd = fd;
     r->vcpu_id = vcpu_id;
     r->run = run;
+    r->map_size = map_size;
     r->ports = ports;
     r->vm = vm;
     pthread_mutex_init(&r->lock, NULL);
@@ -101,21 +126,53 @@ void hv_runner_kick(hv_runner *r)
     pthread_mutex_unlock(&r->lock);
 }
 
-/* Serve one port exit natively. Returns 1 if handled, 2 if the VM must stop,
- * 0 to hand it to Python. */
-static int serve_port(hv_runner *r, struct kvm_run *run)
+int hv_ports_add(hv_ports *ports, uint16_t base, uint16_t len, int kind, void *state)
 {
-    uint16_t port = run->io.port;
+    int n = ports->n;
+    if (n >= HV_MAX_PORTS || len == 0 || (uint32_t)base + len > 0x10000)
+        return -1;
+    hv_port *p = &ports->ports[n];
+    p->base = base;
+    p->len = len;
+    p->kind = kind;
+    p->state = state;
+    p->hits = 0;
+    /* Publish the filled entry to vCPU threads already running. */
+    __atomic_store_n(&ports->n, n + 1, __ATOMIC_RELEASE);
+    return n;
+}
+
+int hv_io_data_ok(const struct kvm_run *run, size_t map_size)
+{
+    uint64_t off = run->io.data_offset;
+    uint64_t n = (uint64_t)run->io.size * run->io.count;
+    if (run->io.size != 1 && run->io.size != 2 && run->io.size != 4)
+        return 0;
+    if (off < sizeof(struct kvm_run) || off > map_size)
+        return 0;
+    return n <= map_size - off;
+}
+
+int hv_serve_port(hv_runner *r, struct kvm_run *run)
+{
     hv_ports *ports = r->ports;
     if (!ports)
         return 0;
-    for (int i = 0; i < ports->n; i++) {
+    /* Python refuses what fails here, with an error that says why. */
+    if (!hv_io_data_ok(run, r->map_size))
+        return 0;
+    uint32_t port = run->io.port;
+    uint32_t size = run->io.size, count = run->io.count;
+    unsigned char *data = (unsigned char *)run + run->io.data_offset;
+    int n = __atomic_load_n(&ports->n, __ATOMIC_ACQUIRE);
+    for (int i = 0; i < n; i++) {
         hv_port *p = &ports->ports[i];
-        if (port < p->base || port >= p->base + p->len)
+        if (port < p->base || port >= (uint32_t)p->base + p->len)
             continue;
-        unsigned char *data = (unsigned char *)run + run->io.data_offset;
-        uint32_t size = run->io.size, count = run->io.count;
-        uint16_t off = port - p->base;
+        /* An access that runs past the range's end is the bus's to refuse. */
+        if (port + size > (uint32_t)p->base + p->len)
+            return 0;
+        uint32_t off = port - p->base;
         switch (p->kind) {
         case HV_PORT_NULL:
             if (run->io.direction == KVM_EXIT_IO_IN)
@@ -128,7 +185,7 @@ static int serve_port(hv_runner *r, struct kvm_run *run)
                 return 1;
             }
             uint64_t v = 0;
-            memcpy(&v, data, size > 8 ? 8 : size);
+            memcpy(&v, data, size);
             p->hits++;
             r->vm->exit_code = (int64_t)v;
             r->vm->exit_vcpu = r->vcpu_id;
@@ -193,7 +250,7 @@ int hv_run(hv_runner *r)
         if (reason < HV_EXIT_REASONS)
             r->exit_counts[reason]++;
         if (reason == KVM_EXIT_IO) {
-            int h = serve_port(r, run);
+            int h = hv_serve_port(r, run);
             if (h == 1) {
                 r->native_exits++;
                 continue;

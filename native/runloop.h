@@ -26,12 +26,19 @@ enum hv_run_result {
     HV_RUN_GUEST_EXIT = 2, /* the guest wrote the exit port */
 };
 
+/* How long one console write may wait for a full fd before the sink
+ * declares it stalled; while stalled, live output that does not fit at once
+ * is dropped (and counted), so a console nobody drains never blocks a vCPU. */
+#define HV_SINK_STALL_MS 50
+
 typedef struct hv_sink {
     pthread_mutex_t lock;
     unsigned char *buf;
     size_t len, cap, limit;
-    size_t dropped;
+    size_t dropped;       /* bytes the in-memory buffer had no room for */
+    size_t fd_dropped;    /* bytes the live fd could not take in time */
     int fd;               /* also written here live when >= 0 */
+    int stalled;          /* the fd stayed full for HV_SINK_STALL_MS */
 } hv_sink;
 
 typedef struct hv_serial {
@@ -64,6 +71,7 @@ typedef struct hv_runner {
     int fd;
     int vcpu_id;
     struct kvm_run *run;
+    size_t map_size;      /* bytes of the kvm_run mapping: bounds io.data_offset */
     hv_ports *ports;
     hv_vmstate *vm;
     pthread_mutex_t lock;
@@ -77,11 +85,22 @@ typedef struct hv_runner {
 int hv_sink_init(hv_sink *s, size_t limit);
 void hv_sink_free(hv_sink *s);
 void hv_sink_write(hv_sink *s, const unsigned char *p, size_t n);
+void hv_sink_lock(hv_sink *s);
+void hv_sink_unlock(hv_sink *s);
+/* Append a port range to the table (visible to running vCPUs at once);
+ * returns its index, or -1 if the table is full or the range invalid. */
+int hv_ports_add(hv_ports *ports, uint16_t base, uint16_t len, int kind, void *state);
 
 int hv_kick_signal_install(void);
 int hv_kick_signal(void);
 void hv_runner_init(hv_runner *r, int fd, int vcpu_id, struct kvm_run *run,
-                    hv_ports *ports, hv_vmstate *vm);
+                    size_t map_size, hv_ports *ports, hv_vmstate *vm);
+/* Whether an IO exit's data (size * count bytes at data_offset) lies inside
+ * the map_size-byte kvm_run mapping and size is 1, 2 or 4. */
+int hv_io_data_ok(const struct kvm_run *run, size_t map_size);
+/* Serve one port exit natively: 1 handled, 2 the VM must stop, 0 for Python.
+ * Exposed for tests that drive it with a forged kvm_run. */
+int hv_serve_port(hv_runner *r, struct kvm_run *run);
 void hv_runner_kick(hv_runner *r);
 /* Loops on KVM_RUN; returns an hv_run_result or -errno. Call without the GIL. */
 int hv_run(hv_runner *r);

@@ -25,7 +25,9 @@ cdef extern from "runloop.h" nogil:
         size_t cap
         size_t limit
         size_t dropped
+        size_t fd_dropped
         int fd
+        int stalled
 
     ctypedef struct hv_serial:
         int dlab
@@ -54,6 +56,7 @@ cdef extern from "runloop.h" nogil:
         int fd
         int vcpu_id
         kvm_run *run
+        size_t map_size
         uint64_t kvm_runs
         uint64_t native_exits
         uint64_t exit_counts[64]
@@ -61,9 +64,14 @@ cdef extern from "runloop.h" nogil:
     int hv_sink_init(hv_sink *s, size_t limit)
     void hv_sink_free(hv_sink *s)
     void hv_sink_write(hv_sink *s, const unsigned char *p, size_t n)
+    void hv_sink_lock(hv_sink *s)
+    void hv_sink_unlock(hv_sink *s)
+    int hv_ports_add(hv_ports *ports, uint16_t base, uint16_t len, int kind, void *state)
+    int hv_io_data_ok(const kvm_run *run, size_t map_size)
+    int hv_serve_port(hv_runner *r, kvm_run *run)
     int hv_kick_signal_install()
     int hv_kick_signal()
     void hv_runner_init(hv_runner *r, int fd, int vcpu_id, kvm_run *run,
-                        hv_ports *ports, hv_vmstate *vm)
+                        size_t map_size, hv_ports *ports, hv_vmstate *vm)
     void hv_runner_kick(hv_runner *r)
     int hv_run(hv_runner *r)

@@ -11,7 +11,12 @@ import threading
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from hvkit.errors import ConfigError
+from hvkit.errors import ConfigError, HvkitError
+
+
+class DeviceReplyError(HvkitError, RuntimeError):
+    """A device answered a read with something other than exactly the
+    bytes asked for: a bug in the device, refused before the guest sees it."""
 
 
 @runtime_checkable
@@ -39,66 +44,104 @@ class Bus:
 
     Each mapping has its own lock so that vCPU threads may reach different
     devices at once while one device sees one access at a time.
+
+    Lookups never take a lock: the mappings are an immutable table that
+    ``register``/``unregister`` replace in one assignment (under a writers'
+    lock), so a vCPU dispatching while another thread moves a BAR sees the
+    old table or the new one, never a mix.
+
+    An access reaches a device only if it lies wholly inside the device's
+    range (``offset + size <= length``). One that starts outside every range
+    or runs past the end of its range is unhandled: reads return all ones,
+    writes are dropped, and both are counted (``unhandled``, and
+    ``straddling`` for the ones that ran past an end).
     """
 
     def __init__(self, name: str = "bus") -> None:
         self.name = name
-        self._bases: list[int] = []
-        self._maps: list[Mapping] = []
+        self._table: tuple[tuple[int, ...], tuple[Mapping, ...]] = ((), ())
+        self._writer = threading.Lock()
         self.unhandled = 0
+        self.straddling = 0
 
     def register(self, base: int, length: int, device: Device,
                  name: str | None = None) -> Mapping:
-        if length <= 0:
-            raise ConfigError(f"{self.name}: device length must be positive, got {length}")
+        if isinstance(base, bool) or not isinstance(base, int) or base < 0:
+            raise ConfigError(f"{self.name}: base must be a non-negative integer, got {base!r}")
+        if isinstance(length, bool) or not isinstance(length, int) or length <= 0:
+            raise ConfigError(f"{self.name}: device length must be positive, got {length!r}")
         label = name or type(device).__name__
-        for m in self._maps:
-            if base < m.end and m.base < base + length:
-                raise ConfigError(
-                    f"{self.name}: {label} at [{base:#x}, {base + length:#x}) overlaps "
-                    f"{m.name} at [{m.base:#x}, {m.end:#x})")
         mapping = Mapping(base, length, device, label)
-        i = bisect.bisect_left(self._bases, base)
-        self._bases.insert(i, base)
-        self._maps.insert(i, mapping)
+        with self._writer:
+            bases, maps = self._table
+            for m in maps:
+                if base < m.end and m.base < base + length:
+                    raise ConfigError(
+                        f"{self.name}: {label} at [{base:#x}, {base + length:#x}) overlaps "
+                        f"{m.name} at [{m.base:#x}, {m.end:#x})")
+            i = bisect.bisect_left(bases, base)
+            self._table = (bases[:i] + (base,) + bases[i:], maps[:i] + (mapping,) + maps[i:])
         return mapping
 
     def unregister(self, device: Device, base: int | None = None) -> None:
-        for i, m in enumerate(self._maps):
-            if m.device is device and (base is None or m.base == base):
-                del self._maps[i]
-                del self._bases[i]
-                return
+        with self._writer:
+            bases, maps = self._table
+            for i, m in enumerate(maps):
+                if m.device is device and (base is None or m.base == base):
+                    self._table = (bases[:i] + bases[i + 1:], maps[:i] + maps[i + 1:])
+                    return
         raise ConfigError(f"{self.name}: device {device!r} is not registered")
 
     def find(self, addr: int) -> Mapping | None:
-        i = bisect.bisect_right(self._bases, addr) - 1
+        """The mapping whose range holds ``addr``, or None."""
+        bases, maps = self._table
+        i = bisect.bisect_right(bases, addr) - 1
         if i >= 0:
-            m = self._maps[i]
-            if addr < m.end:
+            m = maps[i]
+            if m.base <= addr < m.end:
                 return m
         return None
 
-    def read(self, addr: int, size: int) -> bytes:
-        """Unmapped reads return all ones, as an open bus does."""
+    def _route(self, addr: int, size: int) -> Mapping | None:
         m = self.find(addr)
         if m is None:
             self.unhandled += 1
+            return None
+        if addr + size > m.end:
+            self.unhandled += 1
+            self.straddling += 1
+            return None
+        return m
+
+    def read(self, addr: int, size: int) -> bytes:
+        """Unmapped (or straddling) reads return all ones, as an open bus does."""
+        if size <= 0:
+            raise ValueError(f"{self.name}: read of {size} bytes at {addr:#x}")
+        m = self._route(addr, size)
+        if m is None:
             return b"\xff" * size
         with m.lock:
             data = m.device.read(addr - m.base, size)
+        if type(data) is not bytes:
+            try:
+                data = memoryview(data).cast("B").tobytes()
+            except (TypeError, ValueError):
+                raise DeviceReplyError(f"{m.name}.read returned a {type(data).__name__} for "
+                                       f"a {size}-byte access, not bytes") from None
         if len(data) != size:
-            raise RuntimeError(f"{m.name}.read returned {len(data)} bytes for a {size}-byte access")
+            raise DeviceReplyError(
+                f"{m.name}.read returned {len(data)} bytes for a {size}-byte access")
         return data
 
     def write(self, addr: int, data: bytes) -> None:
-        """Unmapped writes are dropped."""
-        m = self.find(addr)
+        """Unmapped (or straddling) writes are dropped."""
+        if not data:
+            raise ValueError(f"{self.name}: empty write at {addr:#x}")
+        m = self._route(addr, len(data))
         if m is None:
-            self.unhandled += 1
             return
         with m.lock:
             m.device.write(addr - m.base, data)
 
     def __iter__(self):
-        return iter(list(self._maps))
+        return iter(self._table[1])

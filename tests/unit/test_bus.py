@@ -66,3 +66,105 @@ def test_unregister():
     assert bus.find(0x10) is None
     with pytest.raises(ConfigError):
         bus.unregister(d)
+
+
+class Checked:
+    """Records every access that reached it outside its own range."""
+
+    def __init__(self, length):
+        self.length = length
+        self.bad = []
+
+    def read(self, offset, size):
+        if offset < 0 or offset + size > self.length:
+            self.bad.append(("r", offset, size))
+        return bytes(size)
+
+    def write(self, offset, data):
+        if offset < 0 or offset + len(data) > self.length:
+            self.bad.append(("w", offset, len(data)))
+
+
+def test_access_straddling_the_end_never_reaches_the_device():
+    bus = Bus("mmio")
+    dev = Checked(8)
+    bus.register(0x1000, 8, dev, "regs")
+    assert bus.read(0x1006, 4) == b"\xff" * 4
+    bus.write(0x1007, b"\1\2")
+    assert dev.bad == []
+    assert (bus.unhandled, bus.straddling) == (2, 2)
+    assert bus.read(0x1004, 4) == bytes(4)          # the last whole word is fine
+    assert bus.unhandled == 2
+
+
+def test_find_needs_the_address_inside_the_range():
+    bus = Bus()
+    bus.register(0x100, 0x10, Regs(), "a")
+    assert bus.find(0xFF) is None
+    assert bus.find(0x100).name == "a"
+    assert bus.find(0x110) is None
+
+
+def test_lookups_stay_consistent_while_another_thread_moves_devices():
+    import sys
+    import threading
+
+    bus = Bus("mmio")
+    fixed = Checked(0x1000)
+    bus.register(0x10000, 0x1000, fixed, "fixed")
+    movers = [Checked(0x1000) for _ in range(4)]
+    stop = threading.Event()
+
+    def move():
+        # A guest reprogramming BARs: devices come and go around the fixed one.
+        while not stop.is_set():
+            for base, d in zip((0x8000, 0x9000, 0x11000, 0x12000), movers):
+                bus.register(base, 0x1000, d)
+            for d in movers:
+                bus.unregister(d)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    t = threading.Thread(target=move)
+    t.start()
+    try:
+        for n in range(20000):
+            addr = 0x8000 + (n * 0x1238) % 0xB000
+            bus.read(addr, 8)
+            bus.write(addr, b"\0" * 4)
+    finally:
+        stop.set()
+        t.join()
+        sys.setswitchinterval(old)
+    assert fixed.bad == [] and all(d.bad == [] for d in movers)
+
+
+def test_device_reply_types():
+    from hvkit.devices.bus import DeviceReplyError
+
+    class Dev:
+        def __init__(self, reply):
+            self.reply = reply
+
+        def read(self, offset, size):
+            return self.reply
+
+        def write(self, offset, data):
+            pass
+
+    bus = Bus()
+    bus.register(0, 4, Dev(bytearray(b"ab")), "ba")
+    assert bus.read(0, 2) == b"ab" and type(bus.read(0, 2)) is bytes
+    bus.register(4, 4, Dev("ab"), "text")
+    with pytest.raises(DeviceReplyError, match="text.read returned a str"):
+        bus.read(4, 2)
+    bus.register(8, 4, Dev(b"abc"), "long")
+    with pytest.raises(DeviceReplyError, match="long.read returned 3 bytes for a 2-byte"):
+        bus.read(8, 2)
+
+
+def test_register_refuses_bad_ranges():
+    bus = Bus()
+    for base, length in ((-1, 4), (0, 0), (0, -4), ("0", 4), (0, 1.5)):
+        with pytest.raises(ConfigError):
+            bus.register(base, length, Regs())
