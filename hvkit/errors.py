@@ -57,6 +57,7 @@ class GuestCrash(HvkitError):
                  regs: Any = None, sregs: Any = None,
                  data: Mapping[str, Any] | None = None, vcpu: int = 0) -> None:
         self.reason = reason
+        self.detail = message
         self.regs = regs
         self.sregs = sregs
         self.data = dict(data or {})
@@ -70,6 +71,11 @@ class GuestCrash(HvkitError):
             text += (f"\n  cr0={sregs.cr0:#x} cr3={sregs.cr3:#x} cr4={sregs.cr4:#x}"
                      f" efer={sregs.efer:#x} cs.sel={sregs.cs.selector:#x}")
         super().__init__(text)
+
+    def with_registers(self, regs: Any, sregs: Any) -> "GuestCrash":
+        """The same crash with the vCPU's registers, for a crash reported
+        by the guest itself (a hypercall), where none were read yet."""
+        return GuestCrash(self.reason, self.detail, regs, sregs, self.data, self.vcpu)
 
 
 class GuestTimeout(HvkitError, TimeoutError):

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
+from hvkit.files import check_regular, read_regular
 from hvkit.errors import GuestLoadError
 
 if TYPE_CHECKING:
@@ -72,16 +73,12 @@ def parse_elf(path: str | os.PathLike, data: bytes | None = None) -> ElfImage:
     many VMs from one file parses it once."""
     p = os.fspath(path)
     if data is None:
-        try:
-            st = os.stat(p)
-        except OSError as exc:
-            raise GuestLoadError(f"{p}: cannot read guest image: {exc.strerror}") from None
+        st = check_regular(p, "guest image")
         key = (p, st.st_mtime_ns, st.st_size)
         hit = _cache.get(key)
         if hit is not None:
             return hit
-        with open(p, "rb") as f:
-            data = f.read()
+        data = read_regular(p, "guest image")
     else:
         key = None
     image = _parse(p, data)

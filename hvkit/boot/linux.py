@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from hvkit.arch.x86.e820 import E820_RAM, E820_RESERVED  # noqa: F401 (re-exported)
 from hvkit.boot import layout
+from hvkit.files import read_regular
 from hvkit.errors import GuestLoadError
 
 if TYPE_CHECKING:
@@ -60,11 +61,7 @@ def read_kernel(kernel: bytes | bytearray | memoryview | str | os.PathLike) -> t
     if isinstance(kernel, (bytes, bytearray, memoryview)):
         return bytes(kernel), "kernel image"
     path = os.fspath(kernel)
-    try:
-        with open(path, "rb") as f:
-            return f.read(), path
-    except OSError as exc:
-        raise GuestLoadError(f"{path}: cannot read kernel image: {exc.strerror}") from None
+    return read_regular(path, "kernel image"), path
 
 
 def read_initrd(initrd: bytes | bytearray | memoryview | str | os.PathLike | None) -> bytes | None:
@@ -73,12 +70,7 @@ def read_initrd(initrd: bytes | bytearray | memoryview | str | os.PathLike | Non
         return None
     if isinstance(initrd, (bytes, bytearray, memoryview)):
         return bytes(initrd)
-    path = os.fspath(initrd)
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        raise GuestLoadError(f"{path}: cannot read initrd: {exc.strerror}") from None
+    return read_regular(initrd, "initrd")
 
 
 def check_e820(memory: "GuestMemory", e820: Sequence[tuple[int, int, int]]) -> None:
@@ -131,44 +123,7 @@ def place_initrd(e820: Sequence[tuple[int, int, int]], size: int, *, low: int, l
 
 
 def default_e820(memory: "GuestMemory") -> list[tuple[int, int, int]]:
-    """The e820 map the lead's x86 code describes for ``memory`` (guest RAM
+    """The e820 map hvkit.arch.x86.e820 describes for ``memory`` (guest RAM
     with the legacy hole below 1 MiB reserved)."""
     from hvkit.arch.x86.e820 import e820_map
     return e820_map(memory)
-
-
-def load_linux(memory: "GuestMemory", kernel: bytes | str | os.PathLike, cmdline: str,
-               initrd: bytes | str | os.PathLike | None = None,
-               e820: Sequence[tuple[int, int, int]] | None = None, *,
-               boot: str = "auto") -> LinuxBoot:
-    """Load a Linux kernel by its format.
-
-    ``boot="auto"`` boots an ELF vmlinux through PVH and a bzImage through
-    the 64-bit boot protocol; ``boot="pvh"`` also takes a bzImage, pulls the
-    vmlinux out of it in the VMM (skipping the in-guest decompressor, which
-    is slow where guest kernel code is emulated) and boots that through PVH;
-    ``boot="bzimage"`` insists on the boot protocol.
-    """
-    from hvkit.boot.bzimage import is_bzimage, load_bzimage
-    from hvkit.boot.extract import extract_vmlinux
-    from hvkit.boot.pvh import load_pvh
-
-    if boot not in ("auto", "pvh", "bzimage"):
-        raise GuestLoadError(f"boot method {boot!r} is not one of auto, pvh, bzimage")
-    data, name = read_kernel(kernel)
-    initrd_bytes = read_initrd(initrd)
-    if e820 is None:
-        e820 = default_e820(memory)
-    if data[:4] == b"\x7fELF":
-        if boot == "bzimage":
-            raise GuestLoadError(f"{name}: is an ELF vmlinux; boot='bzimage' needs a bzImage")
-        return load_pvh(memory, data, cmdline, initrd_bytes, e820, name=name)
-    if not is_bzimage(data):
-        raise GuestLoadError(f"{name}: neither an ELF vmlinux nor a bzImage (first bytes "
-                             f"{data[:8].hex()}, no 'HdrS' at 0x202)")
-    if boot == "pvh":
-        vmlinux = extract_vmlinux(data, name)
-        result = load_pvh(memory, vmlinux, cmdline, initrd_bytes, e820, name=name)
-        result.notes.append("vmlinux extracted from the bzImage by the VMM")
-        return result
-    return load_bzimage(memory, data, cmdline, initrd_bytes, e820, name=name)

@@ -15,8 +15,11 @@ from typing import TYPE_CHECKING, Callable
 
 from hvkit.errors import ConfigError, GuestCrash, GuestMemoryError
 
+from hvkit.vmm.attach import Attachment
+
 if TYPE_CHECKING:
     from hvkit.memory.guest import GuestMemory
+    from hvkit.vmm.runtime import Vmm
 
 BLOCK = struct.Struct("<Q6QQ")
 BLOCK_SIZE = BLOCK.size
@@ -25,6 +28,30 @@ BLOCK_SIZE = BLOCK.size
 HC_FAULT = 1         # the guest runtime reports an exception it cannot handle
 HC_PUTS = 2          # args: gpa, length: write guest bytes to the console
 USER_BASE = 0x1000
+MAX_NR = (1 << 64) - 1
+
+#: The one table of hypercall numbers: (first, last, owner, what). Numbers
+#: are per VM; a service registers inside its owner's range (``owner=``),
+#: and ``register`` refuses a number that is taken.
+RANGES: tuple[tuple[int, int, str, str], ...] = (
+    (0x0000, 0x0FFF, "hvkit", "the guest runtime's own calls (fault, puts)"),
+    (0x1000, 0x10FF, "user", "free for users' own services"),
+    (0x1100, 0x113F, "dedup", "selective dedup (hvkit.memory.dedup)"),
+    (0x1150, 0x115F, "time", "guest-time probes (hvkit.time.probe)"),
+    (0x11F0, 0x11FF, "gate", "host/guest sync points (hvkit.memory.dedup.GuestGate)"),
+    (0x1200, 0x12FF, "nvme-bench", "the NVMe benchmark guest"),
+    (0x1300, 0x13FF, "integrity", "kernel code integrity"),
+    (0x1400, 0x14FF, "virtio", "virtio guest drivers' benchmarks"),
+    (0x2000, MAX_NR, "user", "free for users' own services"),
+)
+
+
+def owner_of(nr: int) -> str | None:
+    """Which part of hvkit a hypercall number belongs to (None: unassigned)."""
+    for first, last, owner, _ in RANGES:
+        if first <= nr <= last:
+            return owner
+    return None
 
 EXCEPTIONS = {0: "#DE divide error", 1: "#DB debug", 2: "NMI", 3: "#BP breakpoint",
               4: "#OF overflow", 5: "#BR bound range", 6: "#UD invalid opcode",
@@ -52,14 +79,48 @@ class Call:
 Handler = Callable[[Call], int]
 
 
-class HypercallPort:
-    def __init__(self, memory: "GuestMemory") -> None:
+class HypercallPort(Attachment):
+    """The hypercall port device and the VM's registry of handlers."""
+
+    name = "hypercall"
+
+    def __init__(self, memory: "GuestMemory", port: int | None = None) -> None:
         self.memory = memory
+        self.port = port
         self.handlers: dict[int, tuple[str, Handler]] = {}
         self.calls = 0
         self.register(HC_FAULT, self._fault, "fault")
 
-    def register(self, nr: int, handler: Handler, name: str = "") -> None:
+    def on_attach(self, vmm: "Vmm") -> None:
+        if self.port is not None:
+            vmm.add_device(vmm.io_bus, self.port, 4, self, "hypercall")
+
+    def state(self) -> dict:
+        """The registered numbers and names: a restored VM must answer the
+        same hypercalls."""
+        return {"calls": self.calls,
+                "handlers": {f"{nr:#x}": name for nr, (name, _) in sorted(self.handlers.items())}}
+
+    def restore(self, state: dict) -> None:
+        want = state.get("handlers", {})
+        have = {f"{nr:#x}": name for nr, (name, _) in self.handlers.items()}
+        missing = sorted(set(want) - set(have))
+        if missing:
+            raise ConfigError("hypercalls " + ", ".join(f"{k} ({want[k]})" for k in missing)
+                              + " were registered when the state was saved and are not now")
+        self.calls = int(state.get("calls", 0))
+
+    def register(self, nr: int, handler: Handler, name: str = "",
+                 owner: str | None = None) -> None:
+        """Answer hypercall ``nr`` with ``handler(call) -> int``. With
+        ``owner``, ``nr`` must lie in that owner's range of ``RANGES``."""
+        if isinstance(nr, bool) or not isinstance(nr, int) or not 0 <= nr <= MAX_NR:
+            raise ConfigError(f"hypercall number {nr!r} is not an integer in 0..2**64-1")
+        if not callable(handler):
+            raise ConfigError(f"hypercall {nr:#x}: handler {handler!r} is not callable")
+        if owner is not None and owner_of(nr) != owner:
+            raise ConfigError(f"hypercall {nr:#x} is not in the range of {owner!r} "
+                              f"(it belongs to {owner_of(nr)!r}; see hvkit.devices.hypercall.RANGES)")
         if nr in self.handlers:
             raise ConfigError(f"hypercall {nr:#x} is already registered "
                               f"({self.handlers[nr][0]})")

@@ -60,9 +60,11 @@ from hvkit.errors import ConfigError, HvkitError
 from hvkit.memory import ksm, slots
 from hvkit.memory.dirty import DirtyLog
 
+from hvkit.vmm.attach import Attachment
+
 if TYPE_CHECKING:
-    from hvkit.machine import MicroVM
     from hvkit.memory.guest import MemoryRegion
+    from hvkit.vmm.runtime import Vmm as MicroVM
 
 PAGE_SIZE = 4096
 HC_DEDUP_INFO = 0x1100
@@ -99,8 +101,8 @@ def default_window(machine: "MicroVM", size: int | None = None) -> tuple[int, in
                       "memory_backing='anonymous'")
 
 
-class Dedup:
-    """Guest-directed KSM for one MicroVM.
+class Dedup(Attachment):
+    """Guest-directed KSM for one MicroVM (an attachment).
 
     >>> vm = MicroVM("dedup", memory="96M", memory_backing="anonymous")
     >>> dd = Dedup(vm, window_size=32 << 20).attach()
@@ -147,10 +149,16 @@ class Dedup:
         self._stop = False
         self._registered: list[int] = []
 
+    name = "dedup"
+
     # -- lifecycle -------------------------------------------------------------
     def attach(self) -> "Dedup":
-        """Give the window a dirty-logged slot, register the hypercalls and
-        start the poller."""
+        """Attach to the VM: give the window a dirty-logged slot, register
+        the hypercalls and start the poller."""
+        self.machine.attach(self)
+        return self
+
+    def on_attach(self, vmm: "MicroVM") -> None:
         vm = self.machine.vm
         with slots.paused(self.machine):
             slot = slots.carve(vm, self.gpa, self.size, log_dirty=True)
@@ -159,12 +167,14 @@ class Dedup:
         for nr, fn, name in ((HC_DEDUP_INFO, self._hc_info, "dedup-info"),
                              (HC_DEDUP_ENABLE, self._hc_enable, "dedup-enable"),
                              (HC_DEDUP_DISABLE, self._hc_disable, "dedup-disable")):
-            hc.register(nr, fn, name)
+            hc.register(nr, fn, name, owner="dedup")
             self._registered.append(nr)
         self._stop = False
         self._thread = threading.Thread(target=self._poller, name="hvkit-dedup", daemon=True)
         self._thread.start()
-        return self
+
+    def close(self) -> None:
+        self.detach()
 
     def detach(self, unmerge: bool = True) -> None:
         """Stop the poller, drop the hypercalls, and (by default) unmerge
@@ -362,7 +372,7 @@ def merge_whole_vm(machine: "MicroVM") -> int:
     return total
 
 
-class GuestGate:
+class GuestGate(Attachment):
     """Sync points between a guest and its host driver (hypercall 0x11F0).
 
     The guest calls ``HC_GATE(n)``; its vCPU blocks in the handler, using
@@ -373,11 +383,19 @@ class GuestGate:
     def __init__(self, machine: "MicroVM", nr: int = HC_GATE) -> None:
         self.machine = machine
         self.nr = nr
+        self.name = f"gate-{nr:#x}"
         self._cond = threading.Condition()
         self._arrived: set[int] = set()
         self._released: set[int] = set()
         self._closed = False
-        machine.hypercalls.register(nr, self._handler, "gate")
+        machine.attach(self)
+
+    def on_attach(self, vmm: "MicroVM") -> None:
+        vmm.hypercalls.register(self.nr, self._handler, "gate", owner="gate")
+
+    def on_stop(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
 
     def _handler(self, call: Call) -> int:
         n = call.args[0]
@@ -385,14 +403,14 @@ class GuestGate:
             self._arrived.add(n)
             self._cond.notify_all()
             # Re-check now and then: a VM being stopped does not notify us.
-            while not (n in self._released or self._closed or self.machine._stopping):
+            while not (n in self._released or self._closed or self.machine.stopping):
                 self._cond.wait(0.1)
         return 0
 
     def wait(self, n: int, timeout: float = 60.0) -> None:
         with self._cond:
             ok = self._cond.wait_for(lambda: n in self._arrived
-                                     or self.machine._finished.is_set(), timeout)
+                                     or self.machine.finished.is_set(), timeout)
         if n not in self._arrived:
             out = self.machine.console_output.decode(errors="replace")[-1500:]
             why = "the guest stopped" if ok else f"timeout after {timeout} s"

@@ -24,29 +24,36 @@ from typing import TYPE_CHECKING, Iterable
 
 from hvkit.devices.nvme.controller import NvmeController
 from hvkit.errors import ConfigError
+from hvkit.platform.msi import KvmMsi
+from hvkit.vmm.attach import Attachment
 
 if TYPE_CHECKING:
-    from hvkit.machine import MicroVM
     from hvkit.storage.backend import BlockBackend
+    from hvkit.vmm.runtime import Vmm
 
 MODES = ("mmio", "ioeventfd", "shadow")
 
 
-class NvmeAttachment:
-    """One controller on one VM, and the KVM objects that serve it."""
+class NvmeAttachment(Attachment):
+    """One controller on one VM, and the KVM objects that serve it.
 
-    def __init__(self, machine: "MicroVM", disks: Iterable["BlockBackend"], *,
-                 mode: str = "mmio", poll_us: int = 200, slot: int | None = None,
-                 **controller_args) -> None:
+    >>> vm.attach(NvmeAttachment([disk], mode="shadow")).ctrl
+    """
+
+    name = "nvme"
+
+    def __init__(self, disks: Iterable["BlockBackend"], *, mode: str = "mmio",
+                 poll_us: int = 200, slot: int | None = None, **controller_args) -> None:
         if mode not in MODES:
             raise ConfigError(f"NVMe doorbell mode {mode!r} is not one of {', '.join(MODES)}")
-        from hvkit.machine import KvmMsi
-        self.machine = machine
-        self.vm = machine.vm
+        self.disks = list(disks)
         self.mode = mode
-        self.ctrl = NvmeController(machine.memory, list(disks), msi=KvmMsi(self.vm),
-                                   **controller_args)
-        self.devfn = machine.add_pci_device(self.ctrl, slot)
+        self.poll_us = poll_us
+        self.slot = slot
+        self.controller_args = controller_args
+        self.name = f"nvme{'' if slot is None else slot}-{id(self):x}"
+        self.vm = None
+        self.ctrl: NvmeController | None = None
         self.acc = None
         self._doorbells: list[tuple[int, int]] = []
         self._gsis: dict[int, int] = {}
@@ -54,11 +61,23 @@ class NvmeAttachment:
         self._stop_r, self._stop_w = -1, -1
         self._watcher: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._closed = False
+
+    def on_attach(self, vmm: "Vmm") -> None:
+        self.vm = vmm.vm
+        self.ctrl = NvmeController(vmm.memory, self.disks, msi=KvmMsi(self.vm),
+                                   **self.controller_args)
+        try:
+            self.devfn = vmm.add_pci_device(self.ctrl, self.slot)
+        except BaseException:
+            self.ctrl.close()
+            raise
+        mode, poll_us = self.mode, self.poll_us
         if mode != "mmio":
             self.acc = self.ctrl.use_accelerator(poll_us=poll_us if mode == "shadow" else 0)
             self.ctrl.dbbuf_listeners.append(self._dbbuf_changed)
             self.ctrl.msix.add_listener(self._msix_changed)
-            machine.bar_listeners.append(self._bar_moved)
+            vmm.bar_listeners.append(self._bar_moved)
             self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
             self._watcher = threading.Thread(target=self._watch, name="hvkit-nvme-irq",
                                              daemon=True)
@@ -119,6 +138,9 @@ class NvmeAttachment:
                 self.ctrl.service_irq(fds[fd])
 
     def close(self) -> None:
+        if self.ctrl is None or self._closed:
+            return
+        self._closed = True
         if self._watcher is not None:
             os.write(self._stop_w, b"q")
             self._watcher.join(5)

@@ -77,7 +77,7 @@ class TickMeasurement:
 
 def _machine(args: str, **kwargs: Any) -> MicroVM:
     m = MicroVM(GUEST, memory="64M", args=args, **kwargs)
-    m.hypercalls.register(HC_HOST_NS, lambda call: time.monotonic_ns(), "host-ns")
+    m.hypercalls.register(HC_HOST_NS, lambda call: time.monotonic_ns(), "host-ns", owner="time")
     return m
 
 
@@ -122,7 +122,7 @@ def measure_ticks(source: str = "host", *, policy: TimerPolicy | None = None,
                 ticker.start()
             return 0
 
-        m.hypercalls.register(HC_TICKS_READY, ready, "ticks-ready")
+        m.hypercalls.register(HC_TICKS_READY, ready, "ticks-ready", owner="time")
         try:
             m.run(timeout=timeout)
         finally:

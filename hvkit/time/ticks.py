@@ -31,6 +31,7 @@ from fractions import Fraction
 from hvkit import _native
 from hvkit.errors import ConfigError
 from hvkit.kvm.vm import Vm
+from hvkit.vmm.attach import Attachment
 from hvkit.time.tsc import TscPlan
 
 #: KVM_REINJECT_CONTROL = _IO(KVMIO, 0x71); the argument is struct kvm_reinject_control.
@@ -164,8 +165,11 @@ class TickStats:
         return 2 * self.attempts / self.elapsed_s if self.elapsed_s else 0.0
 
 
-class HostTicker:
+class HostTicker(Attachment):
     """A system timer the VMM drives on an IRQ line, under a TimerPolicy.
+
+    Attached to a VM (``vmm.attach(HostTicker(vmm.vm, irq, policy))``) it
+    starts with the vCPUs and stops with them; alone, ``start``/``stop``.
 
     The schedule is absolute: the n-th tick is due at start + n / base_hz,
     so host scheduling jitter does not accumulate. A tick is attempted when
@@ -191,6 +195,20 @@ class HostTicker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._t0 = 0.0
+        self.name = f"ticker-irq{irq}"
+
+    def on_start(self) -> None:
+        if self._thread is None:
+            self.start()
+
+    def on_stop(self) -> None:
+        self.stop()
+
+    def close(self) -> None:
+        self.stop()
+
+    def state(self) -> dict:
+        return {"irq": self.irq, "base_hz": self.base_hz}
 
     def start(self) -> "HostTicker":
         if self._thread is not None:

@@ -15,7 +15,8 @@ import pytest
 from hvkit.boot import layout
 from hvkit.boot.bzimage import (ENTRY64_OFFSET, load_bzimage, parse_setup_header)
 from hvkit.boot.extract import compression_of, decompress, extract_vmlinux, payload
-from hvkit.boot.linux import E820_RAM, E820_RESERVED, load_linux, place_initrd
+from hvkit.boot.kernel import load_linux
+from hvkit.boot.linux import E820_RAM, E820_RESERVED, place_initrd
 from hvkit.boot.pvh import (HVM_START_MAGIC, MEMMAP_ENTRY, MODLIST_ENTRY, START_INFO,
                             load_pvh, parse_pvh)
 from hvkit.errors import GuestLoadError

@@ -1,0 +1,123 @@
+"""Putting a guest into a built VM and setting where its vCPUs start.
+
+Three ways in: a freestanding hvkit ELF (every vCPU starts at its entry
+with its own boot stack), Linux (the boot vCPU at the kernel's entry, the
+others waiting for INIT/SIPI), or a VMM author's own loader or entry state
+(real, 32-bit protected or long mode, registers given).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+from hvkit.arch.x86 import layout
+from hvkit.arch.x86.modes import setup_mode
+from hvkit.arch.x86.msrs import boot_msrs
+from hvkit.errors import ConfigError
+from hvkit.kvm.structs import Fpu, Lapic
+from hvkit.kvm.vcpu import MP_STATE_RUNNABLE
+from hvkit.vmm.config import EntryState, VmConfig
+
+if TYPE_CHECKING:
+    from hvkit.arch.x86.profiles import HostProfile
+    from hvkit.boot.elf import ElfImage
+    from hvkit.kvm.vcpu import Vcpu
+    from hvkit.vmm.runtime import Vmm
+
+APIC_MODE_EXTINT = 0x7
+APIC_MODE_NMI = 0x4
+
+
+def read_guest(config: VmConfig) -> "ElfImage":
+    """Parse a freestanding guest and check it fits, before any KVM object."""
+    from hvkit import guests
+    from hvkit.boot.elf import parse_elf
+    image = parse_elf(guests.path(config.guest))
+    image.check_fits(min(config.memory, layout.MMIO_HOLE_START),
+                     reserved_below=layout.HIMEM_START)
+    return image
+
+
+def setup_cpu(vcpu: "Vcpu") -> None:
+    """What firmware would leave: boot MSRs, a clean FPU, LINT0 as ExtINT
+    (the PIC) and LINT1 as NMI."""
+    vcpu.set_msrs(boot_msrs())
+    vcpu.set_fpu(Fpu())
+    lapic = vcpu.get_lapic()
+    lapic.set(Lapic.LVT_LINT0, APIC_MODE_EXTINT << 8)
+    lapic.set(Lapic.LVT_LINT1, APIC_MODE_NMI << 8)
+    vcpu.set_lapic(lapic)
+
+
+def boot_stack(vcpu_id: int) -> int:
+    """Top of a freestanding guest's boot stack for one vCPU."""
+    top = layout.BOOT_STACK_TOP - vcpu_id * layout.BOOT_STACK_SIZE
+    if top - layout.BOOT_STACK_SIZE < layout.PD_ADDR + layout.PD_COUNT * 0x1000:
+        raise ConfigError(f"vCPU {vcpu_id}'s boot stack would overlap the page tables")
+    return top
+
+
+def load_freestanding(vmm: "Vmm", image: "ElfImage") -> None:
+    image.load(vmm.memory)
+    vmm.memory.write(layout.GUEST_ARGS_ADDR, vmm.config.args.encode() + b"\0")
+    n = len(vmm.vcpus)
+    for vcpu in vmm.vcpus:
+        setup_cpu(vcpu)
+        setup_mode(vcpu, vmm.memory, "long", image.entry, stack=boot_stack(vcpu.id),
+                   regs={"rdi": vcpu.id, "rsi": n, "rdx": layout.GUEST_ARGS_ADDR},
+                   write_tables=vcpu.id == 0)
+        if vcpu.id:
+            vcpu.set_mp_state(MP_STATE_RUNNABLE)
+
+
+def load_kernel(vmm: "Vmm", profile: "HostProfile") -> None:
+    from hvkit.arch.x86.e820 import e820_map
+    from hvkit.boot.kernel import load_linux
+    from hvkit.boot.cmdline import BASE_CMDLINE
+    config = vmm.config
+    vmm.profile = profile
+    cmdline = BASE_CMDLINE if config.cmdline is None else config.cmdline
+    vmm.cmdline = profile.apply_cmdline(cmdline)
+    vmm.linux = lb = load_linux(vmm.memory, config.kernel, vmm.cmdline, config.initrd,
+                                e820_map(vmm.memory), boot=config.boot)
+    for vcpu in vmm.vcpus:
+        setup_cpu(vcpu)
+    mode = "long" if lb.mode == "long64" else "protected"
+    entry = EntryState(mode=mode, rip=lb.entry, regs=lb.regs)
+    start_vcpus(vmm, entry)
+
+
+def load_custom(vmm: "Vmm", loader: "Callable[[Vmm], EntryState | None] | None") -> None:
+    """A VMM author's guest: their loader fills memory and says where to
+    start; without one the VM waits for the caller (memory is empty and
+    the vCPUs start at the config's entry state, long mode at 1 MiB by
+    default)."""
+    for vcpu in vmm.vcpus:
+        setup_cpu(vcpu)
+    entry = loader(vmm) if loader is not None else None
+    if entry is None:
+        entry = vmm.config.entry or EntryState()
+    if not isinstance(entry, EntryState):
+        raise ConfigError(f"the loader returned {type(entry).__name__}, not an EntryState")
+    start_vcpus(vmm, entry)
+
+
+def start_vcpus(vmm: "Vmm", entry: EntryState) -> None:
+    """The boot vCPU at ``entry``; the others at it too or waiting for
+    INIT/SIPI, as the config says."""
+    secondary = vmm.config.secondary_start
+    for vcpu in vmm.vcpus:
+        if vcpu.id and secondary == "wait-sipi":
+            continue
+        set_entry(vcpu, vmm, entry, write_tables=vcpu.id == 0)
+        if vcpu.id:
+            vcpu.set_mp_state(MP_STATE_RUNNABLE)
+
+
+def set_entry(vcpu: "Vcpu", vmm: "Vmm", entry: EntryState, *, write_tables: bool = True) -> None:
+    """Registers for ``entry``; long mode writes hvkit's identity page
+    tables and GDT, protected mode a flat GDT, real mode nothing."""
+    regs = dict(entry.regs)
+    stack = entry.stack if entry.stack is not None else regs.pop("rsp", 0)
+    regs.pop("rsp", None)
+    setup_mode(vcpu, vmm.memory, entry.mode, entry.rip, stack=stack, regs=regs,
+               write_tables=write_tables)
