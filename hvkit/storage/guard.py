@@ -118,9 +118,15 @@ class StoragePart:
         return tok
 
     def check(self, software_id: bytes, token: bytes, disk_id: bytes, op: str,
-              offset: int, length: int) -> BlockBackend:
+              offset: int, length: int, *, area: bool = True) -> BlockBackend:
         """Return the backend if the request is allowed; else audit and raise
-        ``AccessDenied``. Identity comparisons are constant-time."""
+        ``AccessDenied``. ``length`` is in bytes; ``area=False`` (an empty
+        request) checks everything but the range. Identity comparisons are
+        constant-time."""
+        if (isinstance(offset, bool) or isinstance(length, bool)
+                or not isinstance(offset, int) or not isinstance(length, int)):
+            raise self._refuse(software_id, disk_id, op, 0, 0,
+                               f"offset {offset!r} and length {length!r} must be integers")
         tok = self._authentic(token)
         if isinstance(tok, str):
             raise self._refuse(software_id, disk_id, op, offset, length, tok)
@@ -146,7 +152,7 @@ class StoragePart:
         if not tok.rights & need:
             raise self._refuse(software_id, disk_id, op, offset, length,
                                f"the token grants no {'read' if need == RIGHT_READ else 'write'} right")
-        if op != "flush":
+        if op != "flush" and area:
             lo = tok.lba_start * disk.lba_size
             hi = lo + tok.lba_count * disk.lba_size
             if offset < lo or length < 0 or offset + length > hi:
@@ -155,6 +161,15 @@ class StoragePart:
                                    f"token's area [{lo}, {hi})")
         self.accepted += 1
         return disk.backend
+
+
+def _bytes_view(buf: object) -> memoryview:
+    """The buffer as unsigned bytes: lengths are checked in bytes, never in
+    items of whatever type the caller's buffer holds."""
+    try:
+        return memoryview(buf).cast("B")  # type: ignore[arg-type]
+    except TypeError:
+        raise StorageError(f"{type(buf).__name__} is not a contiguous buffer") from None
 
 
 class GuardedBackend:
@@ -174,26 +189,32 @@ class GuardedBackend:
     def software_id(self) -> str:
         return self.__sid.decode(errors="replace")
 
-    def _check(self, op: str, offset: int, length: int) -> BlockBackend:
-        return self.__part.check(self.__sid, self.__token, self.__disk, op, offset, length)
+    def _check(self, op: str, offset: int, length: int, *,
+               area: bool = True) -> BlockBackend:
+        return self.__part.check(self.__sid, self.__token, self.__disk, op, offset, length,
+                                 area=area)
 
     def readinto(self, offset: int, buf: memoryview) -> None:
-        self._check("read", offset, len(buf)).readinto(offset, buf)
+        view = _bytes_view(buf)
+        self._check("read", offset, view.nbytes).readinto(offset, view)
 
     def write(self, offset: int, data: memoryview | bytes) -> None:
-        self._check("write", offset, len(data)).write(offset, data)
+        view = _bytes_view(data)
+        self._check("write", offset, view.nbytes).write(offset, view)
 
     def write_sg(self, sg) -> object:
-        """Check every element, then hand the whole array over at once."""
-        backend = None
-        for data, offset in sg:
-            backend = self._check("write", offset, len(data))
-        if backend is None:
+        """Check every element, then hand the whole array over at once. An
+        empty array is checked too (token, identity, write right)."""
+        elements = [(_bytes_view(data), offset) for data, offset in sg]
+        backend = self._check("write", 0, 0, area=False)
+        for view, offset in elements:
+            self._check("write", offset, view.nbytes)
+        if not elements:
             return None
         if hasattr(backend, "write_sg"):
-            return backend.write_sg(sg)
-        for data, offset in sg:
-            backend.write(offset, data)
+            return backend.write_sg(elements)
+        for view, offset in elements:
+            backend.write(offset, view)
         return None
 
     def flush(self) -> None:

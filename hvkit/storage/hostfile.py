@@ -69,15 +69,22 @@ class HostFile:
         return data
 
     def preadinto(self, offset: int, buf: memoryview) -> None:
-        n = os.preadv(self.fd, [buf], offset)
-        if n < len(buf):
-            buf[n:] = bytes(len(buf) - n)
+        """Fill ``buf`` (counted in bytes, whatever its item type); past the
+        end of the file reads as zeros."""
+        mv = memoryview(buf).cast("B")
+        done = 0
+        while done < mv.nbytes:
+            n = os.preadv(self.fd, [mv[done:]], offset + done)
+            if n == 0:
+                mv[done:] = bytes(mv.nbytes - done)
+                return
+            done += n
 
     # -- writes -----------------------------------------------------------
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        mv = memoryview(data)
+        mv = memoryview(data).cast("B")
         done = 0
-        while done < len(mv):
+        while done < mv.nbytes:
             n = os.pwrite(self.fd, mv[done:], offset + done)
             if n <= 0:
                 raise StorageError(f"short write to {self.path!r} at {offset + done}")

@@ -253,3 +253,18 @@ def test_virtual_disk_is_a_block_backend(tmp_path):
     with pytest.raises(StorageError, match="read-only"):
         ro.write(0, b"x")
     ro.close()
+
+
+def test_host_file_reads_past_its_end_as_zeros_in_bytes_not_items(tmp_path):
+    import array
+    from hvkit.storage.hostfile import HostFile
+    path = str(tmp_path / "h")
+    with open(path, "wb") as fh:
+        fh.write(b"\xab" * 100)
+    f = HostFile(path)
+    words = array.array("Q", [0xFFFFFFFFFFFFFFFF] * 64)  # 64 items, 512 bytes
+    f.preadinto(0, memoryview(words))
+    assert words.tobytes() == b"\xab" * 100 + bytes(412)
+    f.pwrite(1000, memoryview(array.array("I", [0x01020304] * 8)))
+    assert f.pread(1000, 33) == bytes([4, 3, 2, 1]) * 8 + b"\0"
+    f.close()

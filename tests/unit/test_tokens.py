@@ -2,6 +2,8 @@
 property test over random areas and requests."""
 from __future__ import annotations
 
+import array
+
 import pytest
 from hypothesis import assume, given, settings, strategies as st
 
@@ -249,3 +251,79 @@ def test_property_allowed_iff_inside_area_and_same_id(start, count, offset, leng
         ok = False
     assert ok == allowed
     assert (len(_disk.calls) > served) == allowed
+
+
+# -- lengths are bytes, whatever the buffer's item size --------------------------
+
+class ByteDisk(RecordingDisk):
+    """Serves requests by byte length, as real backends do."""
+
+    def readinto(self, offset, buf):
+        mv = memoryview(buf).cast("B")
+        self.calls.append("read")
+        mv[:] = self.data[offset:offset + mv.nbytes]
+
+    def write(self, offset, data):
+        mv = memoryview(data).cast("B")
+        self.calls.append("write")
+        self.data[offset:offset + mv.nbytes] = mv
+
+
+@pytest.fixture
+def byte_env():
+    control, part = make_io_pair(Clock())
+    disk = ByteDisk()
+    part.register_disk("d0", disk)
+    return control, part, disk
+
+
+def test_a_typed_buffer_cannot_reach_past_the_area(byte_env):
+    control, part, disk = byte_env
+    g = part.bind("d0", "vm1", control.issue("vm1", "d0", 0, 16))
+    hi = 16 * LBA
+    words = memoryview(array.array("Q", [0x4141414141414141] * 64))  # 64 items, 512 bytes
+    denied(part, disk, lambda: g.write(hi - 64, words), "outside the token's area")
+    out = memoryview(array.array("Q", [0] * 64))
+    denied(part, disk, lambda: g.readinto(hi - 64, out), "outside the token's area")
+    denied(part, disk, lambda: g.write_sg([(words, hi - 64)]), "outside the token's area")
+    assert disk.data[hi:] == bytes(DISK - hi)
+
+
+def test_an_empty_scatter_gather_array_is_checked_and_audited(byte_env):
+    control, part, disk = byte_env
+    bad = part.bind("d0", "vm1", b"\0" * 80)
+    denied(part, disk, lambda: bad.write_sg([]), "malformed token")
+    ro = part.bind("d0", "vm1", control.issue("vm1", "d0", 0, 16, "r"))
+    denied(part, disk, lambda: ro.write_sg([]), "no write right")
+    good = part.bind("d0", "vm1", control.issue("vm1", "d0", 4, 16))
+    accepted = part.accepted
+    good.write_sg([])
+    assert part.accepted == accepted + 1
+
+
+_bcontrol, _bpart = make_io_pair(_clock)
+_bdisk = ByteDisk()
+_bpart.register_disk("b", _bdisk)
+
+
+@settings(max_examples=300, deadline=None)
+@given(code=st.sampled_from("bBhHiIlLqQfd"), items=st.integers(0, 300),
+       offset=st.integers(0, DISK - 4096), start=st.integers(0, 64), count=st.integers(1, 64),
+       how=st.sampled_from(["write", "read", "write_sg"]))
+def test_property_every_item_size_is_checked_in_bytes(code, items, offset, start, count, how):
+    tok = _bcontrol.issue("vm", "b", start, count, "rw")
+    g = _bpart.bind("b", "vm", tok)
+    buf = memoryview(array.array(code, bytes(items * array.array(code).itemsize)))
+    lo, hi = start * LBA, (start + count) * LBA
+    allowed = lo <= offset and offset + buf.nbytes <= hi
+    try:
+        if how == "write":
+            g.write(offset, buf)
+        elif how == "read":
+            g.readinto(offset, buf)
+        else:
+            g.write_sg([(buf, offset)])
+        ok = True
+    except AccessDenied:
+        ok = False
+    assert ok == allowed
