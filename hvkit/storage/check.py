@@ -111,6 +111,7 @@ class _Checker:
         self.progress("comparing references with bitmaps")
         for r in (RES_BLOCK, RES_SUB, RES_PTR):
             self.compare(r, bits[r], refs[r])
+        self.truncation(refs)
         if self.repair:
             self.fix_duplicates(dups, refs)
             self.rebuild_bitmaps(refs)
@@ -295,6 +296,27 @@ class _Checker:
                 first = bm.N_DIRECT + sum(bm.P ** d for d in range(1, depth))
                 visit(p, bno, bm.slot_offset(slot), depth, first, bm.P ** depth,
                       f"indirect slot {slot}")
+
+    def truncation(self, refs) -> None:
+        """A file shorter than its geometry: data units past the end are lost
+        (reported, never fixable); repair restores the file's length."""
+        g, size = self.geom, self.f.size()
+        if size >= g.file_size:
+            return
+        lost: dict[str, int] = {}
+        for res, offset_of, length in ((RES_BLOCK, g.block_offset, g.block_size),
+                                       (RES_SUB, g.sub_block_offset, g.sub_block_size)):
+            for unit, ref in refs[res].items():
+                if offset_of(unit) + length > size:
+                    disk = ref.owner.split(" ", 2)[1]
+                    lost[disk] = lost.get(disk, 0) + 1
+        self.problem("truncated", f"file is {size} bytes, the volume needs {g.file_size}")
+        for disk, n in sorted(lost.items()):
+            self.problem("truncated", f"disk {disk}: {n} data blocks lay past the end of "
+                         f"the file; their data is lost", fixable=False)
+        if self.repair:
+            self.f.truncate(g.file_size)
+            self.rep.repaired.append(f"restored the file's length to {g.file_size} bytes")
 
     def clear(self, container: int, off: int) -> None:
         if self.repair:

@@ -134,9 +134,10 @@ class Volume:
     @classmethod
     def _attach(cls, f: HostFile) -> "Volume":
         geom, _ = cls.read_geometry(f)
-        if f.size() < geom.sub_offset:
+        if f.size() < geom.file_size:
             raise StorageError(f"volume file {f.path!r} is truncated: {f.size()} bytes, "
-                               f"metadata alone needs {geom.sub_offset}")
+                               f"the volume needs {geom.file_size} (run hvkit disk "
+                               f"check to see what was lost)")
         journal = Journal(f, geom)
         scan = journal.scan()
         if scan.lost:

@@ -1,12 +1,14 @@
 """`check` finds every kind of inconsistency and `--repair` fixes it."""
 from __future__ import annotations
 
+import os
 import struct
 
 import pytest
 
 from hvkit.storage import blockmap as bm
 from hvkit.storage import metablock as mb
+from hvkit.storage.backend import StorageError
 from hvkit.storage.check import EXIT_CLEAN, EXIT_CORRECTED, EXIT_UNCORRECTED, check_volume
 from hvkit.storage.superblock import Geometry
 from hvkit.storage.volume import Volume
@@ -145,3 +147,29 @@ def test_every_problem_is_reported_not_just_the_first(volume):
     rep = check_volume(path)
     assert codes(rep) == {"leaked-block", "pointer-out-of-range"}
     assert sum(p.code == "leaked-block" for p in rep.problems) == 4
+
+
+def test_a_truncated_volume_is_refused_and_check_reports_the_lost_blocks(tmp_path):
+    path = str(tmp_path / "t.vol")
+    with Volume.create(path, Geometry.for_capacity(8 << 20)) as v:
+        d = v.create_file("r", 8 << 20)
+        v.write(d, 0, os.urandom(8 << 20))
+    os.truncate(path, os.path.getsize(path) - (5 << 20))
+    with pytest.raises(StorageError, match="truncated"):
+        Volume.open(path)
+    rep = check_volume(path)
+    assert "truncated" in codes(rep) and rep.exit_code(False) == EXIT_UNCORRECTED
+    assert any("lost" in p.message for p in rep.problems)
+    rep = check_volume(path, repair=True)
+    assert rep.exit_code(True) == EXIT_UNCORRECTED  # the data past the cut is gone
+    with Volume.open(path) as v:  # but the volume is whole again
+        assert v.read_bytes(v.lookup("r"), 0, 10) != bytes(10)
+
+
+def test_a_truncation_that_loses_no_data_is_repaired(volume):
+    path, geom = volume
+    os.truncate(path, os.path.getsize(path) - 2 * BS)
+    with pytest.raises(StorageError, match="truncated"):
+        Volume.open(path)
+    assert "truncated" in codes(check_volume(path))
+    repair_and_confirm(path)
