@@ -108,9 +108,11 @@ def _child(path: str, arrays, wfd: int) -> None:
         os._exit(3)
 
 
-def kill_trial(workdir: str, seed: int, *, max_delay: float = 0.03,
+def kill_trial(workdir: str, seed: int, *, max_delay: float = 0.005,
                n_arrays: int = 400) -> TrialResult:
-    """One SIGKILL trial in a fresh small volume."""
+    """One SIGKILL trial in a fresh small volume: the child is killed after
+    a random number (1..30) of acknowledged arrays plus a random short wait,
+    so every trial crashes mid-stream however loaded the machine is."""
     rng = random.Random(seed)
     path = os.path.join(workdir, f"kill-{seed}.vol")
     if os.path.exists(path):
@@ -122,16 +124,23 @@ def kill_trial(workdir: str, seed: int, *, max_delay: float = 0.03,
         pre = rng.randint(0, 5)
         for arr in arrays[:pre]:
             vol.write_sg(fidx, arr)
+    kill_after = rng.randint(1, 30)
+    delay = rng.uniform(0, max_delay)
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(rfd)
         _child(path, arrays[pre:], wfd)
     os.close(wfd)
-    time.sleep(rng.uniform(0, max_delay))
+    raw = b""
+    while len(raw) < 4 * kill_after:
+        chunk = os.read(rfd, 65536)
+        if not chunk:
+            break  # the child ended on its own
+        raw += chunk
+    time.sleep(delay)
     os.kill(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
-    raw = b""
     while chunk := os.read(rfd, 65536):
         raw += chunk
     os.close(rfd)

@@ -15,9 +15,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from hvkit.storage.crashtest import kill_trial, power_cut_trial  # noqa: E402
+from hvkit.storage.crashtest import kill_trial, power_cut_trial
 
 
 def main() -> int:
@@ -25,8 +23,9 @@ def main() -> int:
     ap.add_argument("--kills", type=int, default=2000)
     ap.add_argument("--cuts", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-delay", type=float, default=0.06,
-                    help="longest wait before the SIGKILL, seconds")
+    ap.add_argument("--max-delay", type=float, default=0.005,
+                    help="longest wait after the chosen acknowledgement before the "
+                         "SIGKILL, seconds")
     args = ap.parse_args()
     summary = {"kill_trials": 0, "power_cut_trials": 0, "acknowledged_arrays": 0,
                "trials_with_replay": 0, "failures": []}

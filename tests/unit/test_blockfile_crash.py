@@ -13,9 +13,10 @@ def test_sigkill_trials(tmp_path):
     results = [kill_trial(str(tmp_path), seed) for seed in range(KILL_TRIALS)]
     bad = [(i, r.problems) for i, r in enumerate(results) if r.problems]
     assert not bad, bad[:3]
-    # the trials must actually crash mid-stream, with work acknowledged and replayed
-    assert sum(r.acked for r in results) > 5 * KILL_TRIALS
-    assert sum(1 for r in results if r.replayed) > KILL_TRIALS // 10
+    # every trial is killed after at least one acknowledged array (counted,
+    # not timed), and most leave committed transactions to replay
+    assert all(r.acked >= 1 for r in results)
+    assert sum(1 for r in results if r.replayed) > KILL_TRIALS // 2
 
 
 @pytest.mark.parametrize("tear", [True, False], ids=["torn", "reordered"])
