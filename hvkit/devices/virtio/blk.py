@@ -1,0 +1,198 @@
+"""virtio-blk (virtio 1.2, 5.2) on any hvkit BlockBackend.
+
+One request queue, served on the device's worker thread. Data moves
+between the backend and guest RAM through memoryviews of the request's
+buffers (no bounce through Python bytes). Every request is checked: the
+header and status byte must be there, lengths are whole 512-byte sectors,
+ranges lie inside the disk, writes to a read-only disk fail; a bad request
+gets VIRTIO_BLK_S_IOERR, an unknown one VIRTIO_BLK_S_UNSUPP.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import struct
+
+from hvkit.devices.virtio import spec as V
+from hvkit.devices.virtio.chain import Chain, ChainError
+from hvkit.devices.virtio.device import VirtioDevice
+from hvkit.memory.guest import GuestMemory
+from hvkit.storage.backend import BlockBackend
+
+log = logging.getLogger(__name__)
+
+SECTOR = 512
+QUEUE_SIZE = 256
+ID_BYTES = 20
+
+# feature bits (5.2.3)
+F_SIZE_MAX = 1
+F_SEG_MAX = 2
+F_RO = 5
+F_BLK_SIZE = 6
+F_FLUSH = 9
+F_TOPOLOGY = 10
+F_DISCARD = 13
+F_WRITE_ZEROES = 14
+
+# request types and status (5.2.6)
+T_IN = 0
+T_OUT = 1
+T_FLUSH = 4
+T_GET_ID = 8
+T_DISCARD = 11
+T_WRITE_ZEROES = 13
+S_OK = 0
+S_IOERR = 1
+S_UNSUPP = 2
+
+WRITE_ZEROES_UNMAP = 1
+_HEADER = struct.Struct("<IIQ")
+_SEGMENT = struct.Struct("<QII")
+_CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
+
+
+class BlkRequestError(Exception):
+    """A request the device refuses; ``status`` is what the driver sees."""
+
+    def __init__(self, status: int, why: str) -> None:
+        super().__init__(why)
+        self.status = status
+
+
+class VirtioBlk(VirtioDevice):
+    device_id = V.ID_BLOCK
+    pci_class = 0x018000
+
+    def __init__(self, mem: GuestMemory, backend: BlockBackend, *, serial: str = "",
+                 read_only: bool | None = None, queue_size: int = QUEUE_SIZE,
+                 size_max: int = 1 << 20, max_discard_sectors: int = 1 << 22,
+                 max_segments: int = 32, threaded: bool = True) -> None:
+        self.backend = backend
+        self.read_only = backend.read_only if read_only is None else read_only or backend.read_only
+        self.serial = (serial or "hvkit").encode()[:ID_BYTES]
+        self.seg_max = queue_size - 2
+        self.size_max = size_max
+        self.max_discard_sectors = max_discard_sectors
+        self.max_segments = max_segments
+        self.capacity = backend.size // SECTOR
+        features = ((1 << F_SIZE_MAX) | (1 << F_SEG_MAX) | (1 << F_BLK_SIZE)
+                    | (1 << F_FLUSH) | (1 << F_TOPOLOGY))
+        if self.read_only:
+            features |= 1 << F_RO
+        else:
+            features |= (1 << F_DISCARD) | (1 << F_WRITE_ZEROES)
+        super().__init__(mem, [queue_size], features=features, threaded=threaded, name="blk")
+        block = backend.block_size
+        align = max(block // SECTOR, 1)
+        self.config = bytearray(_CONFIG.pack(
+            self.capacity, size_max, self.seg_max,
+            0, 0, 0,                                  # geometry: none
+            block,
+            0, 0, 1, 0,                               # topology: exp, offset, min_io, opt_io
+            0, 0, 1,                                  # writeback, unused, num_queues
+            max_discard_sectors, max_segments, align,
+            max_discard_sectors, max_segments, 0))
+        #: requests answered with each status, for tests and metrics
+        self.completed = {S_OK: 0, S_IOERR: 0, S_UNSUPP: 0}
+
+    def process_queue(self, index: int) -> None:
+        self.drain(index, self._request)
+
+    def _request(self, chain: Chain) -> int:
+        w = chain.writer()
+        if w.remaining < 1:
+            raise ChainError("virtio-blk request without a status byte", chain.head)
+        data_out = w.take(w.remaining - 1)
+        status_view = w.take(1)[0]
+        try:
+            self._execute(chain, data_out)
+            status = S_OK
+        except BlkRequestError as exc:
+            log.debug("virtio-blk: %s", exc)
+            status = exc.status
+        except ChainError as exc:
+            log.debug("virtio-blk: %s", exc)
+            status = S_IOERR
+        except OSError as exc:          # StorageError is one
+            log.warning("virtio-blk: backend error: %s", exc)
+            status = S_IOERR
+        status_view[0] = status
+        self.completed[status] += 1
+        # like QEMU, report the whole writable area (Linux does not read it)
+        return chain.write_len
+
+    def _range(self, sector: int, length: int) -> int:
+        offset = sector * SECTOR
+        if length % SECTOR:
+            raise BlkRequestError(S_IOERR, f"length {length} is not whole sectors")
+        if offset + length > self.backend.size:
+            raise BlkRequestError(S_IOERR, f"sectors {sector}+{length // SECTOR} beyond "
+                                           f"the disk ({self.capacity})")
+        return offset
+
+    def _execute(self, chain: Chain, data_out: list[memoryview]) -> int:
+        r = chain.reader()
+        rtype, _reserved, sector = _HEADER.unpack(r.read(_HEADER.size))
+        out_len = sum(len(v) for v in data_out)
+        backend = self.backend
+        if rtype == T_IN:
+            offset = self._range(sector, out_len)
+            for view in data_out:
+                backend.readinto(offset, view)
+                offset += len(view)
+            return out_len
+        if rtype == T_OUT:
+            data = r.take_rest()
+            if self.read_only:
+                raise BlkRequestError(S_IOERR, "write to a read-only disk")
+            offset = self._range(sector, sum(len(v) for v in data))
+            for view in data:
+                backend.write(offset, view)
+                offset += len(view)
+            return 0
+        if rtype == T_FLUSH:
+            if not self.read_only:
+                backend.flush()
+            return 0
+        if rtype == T_GET_ID:
+            n = min(out_len, ID_BYTES)
+            ident = self.serial.ljust(ID_BYTES, b"\0")[:n]
+            pos = 0
+            for view in data_out:
+                k = min(len(view), n - pos)
+                view[:k] = ident[pos:pos + k]
+                pos += k
+                if pos == n:
+                    break
+            return n
+        if rtype in (T_DISCARD, T_WRITE_ZEROES):
+            if self.read_only:
+                raise BlkRequestError(S_IOERR, "discard/write-zeroes on a read-only disk")
+            count = r.remaining // _SEGMENT.size
+            if r.remaining % _SEGMENT.size or not 1 <= count <= self.max_segments:
+                raise BlkRequestError(S_IOERR, f"{r.remaining} bytes of segments")
+            segments = [_SEGMENT.unpack(r.read(_SEGMENT.size)) for _ in range(count)]
+            for seg_sector, nsect, flags in segments:
+                if nsect > self.max_discard_sectors:
+                    raise BlkRequestError(S_IOERR, f"{nsect} sectors in one segment")
+                if rtype == T_DISCARD and flags:
+                    raise BlkRequestError(S_UNSUPP, "discard with flags")
+                if flags & ~WRITE_ZEROES_UNMAP:
+                    raise BlkRequestError(S_UNSUPP, f"segment flags {flags:#x}")
+                self._range(seg_sector, nsect * SECTOR)
+            for seg_sector, nsect, _flags in segments:
+                if rtype == T_DISCARD:
+                    backend.discard(seg_sector * SECTOR, nsect * SECTOR)
+                else:
+                    backend.write_zeroes(seg_sector * SECTOR, nsect * SECTOR)
+            return 0
+        raise BlkRequestError(S_UNSUPP, f"request type {rtype}")
+
+    def on_close(self) -> None:
+        """The backend belongs to the caller; it is not closed here."""
+
+
+def default_serial(path: str | os.PathLike[str]) -> str:
+    """A serial number (GET_ID) from a disk's file name, at most 20 bytes."""
+    return os.path.basename(os.fspath(path))[:ID_BYTES]
