@@ -67,6 +67,15 @@ fi
 HASH="$( { cat "$FRAGMENT" "$PATCH" "$0"; echo "$SRC_ID"; } | sha256sum | cut -c1-16)"
 OUT="$CACHE/$HASH"
 
+# One build of a given hash at a time: a second run waits for the first and
+# then finds its result in the cache instead of rebuilding over it.
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.$HASH.lock"
+if ! flock -n 9; then
+    log "another build.sh is building $HASH; waiting for it"
+    flock 9
+fi
+
 if [ "$FORCE" = 0 ] && [ -f "$OUT/bzImage" ] && [ -f "$OUT/vmlinux" ]; then
     log "cached build for $SRC_ID"
     if [ "$PRINT_DIR" = 0 ]; then

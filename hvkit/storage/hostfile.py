@@ -10,9 +10,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import stat
 from dataclasses import dataclass, fields
 
 from hvkit.storage.backend import StorageError
+from hvkit.storage.locking import lock_volume
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -49,7 +51,10 @@ class IOStats:
 class HostFile:
     """A regular file opened for positioned I/O."""
 
-    def __init__(self, path: str, *, create: bool = False, read_only: bool = False) -> None:
+    def __init__(self, path: str, *, create: bool = False, read_only: bool = False,
+                 lock: bool = True) -> None:
+        """Open ``path``; with ``lock``, exclusively for writing or shared for
+        reading (see ``locking``), refusing a volume another open holds."""
         flags = os.O_RDONLY if read_only else os.O_RDWR
         if create:
             flags |= os.O_CREAT | os.O_EXCL
@@ -57,6 +62,14 @@ class HostFile:
             self.fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
         except OSError as e:
             raise StorageError(f"cannot open volume file {path!r}: {e.strerror}") from e
+        try:
+            if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+                raise StorageError(f"{path!r} is not a regular file")
+            if lock:
+                lock_volume(self.fd, path, exclusive=not read_only)
+        except BaseException:
+            os.close(self.fd)
+            raise
         self.path = path
         self.read_only = read_only
         self.stats = IOStats()
