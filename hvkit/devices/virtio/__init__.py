@@ -14,7 +14,8 @@ from hvkit.devices.virtio.mmio import NotifyRegion, VirtioMmioTransport, cmdline
 from hvkit.devices.virtio.pci import VirtioPciTransport
 from hvkit.devices.virtio.queue import Virtqueue
 from hvkit.devices.virtio.rng import VirtioRng
+from hvkit.devices.virtio.vsock import VirtioVsock
 
 __all__ = ["Chain", "ChainError", "NotifyRegion", "QueueBroken", "VirtioBlk",
            "VirtioConsole", "VirtioDevice", "VirtioError", "VirtioMmioTransport",
-           "VirtioPciTransport", "VirtioRng", "Virtqueue", "cmdline_token"]
+           "VirtioPciTransport", "VirtioRng", "VirtioVsock", "Virtqueue", "cmdline_token"]
