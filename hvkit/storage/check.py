@@ -12,6 +12,9 @@ copy, and removes descriptors that fail their checksum.
 """
 from __future__ import annotations
 
+import os
+import struct
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -70,6 +73,27 @@ class _Ref:
     fidx: int
 
 
+@dataclass
+class _File:
+    index: int
+    name: str
+    size: int
+    nblocks: int
+
+
+@dataclass
+class _BadPtr:
+    ctx: _File
+    ptr: int
+    container: int
+    off: int
+    depth: int
+    first: int
+    span: int
+    where: str
+    fault: str
+
+
 class _Checker:
     def __init__(self, f: HostFile, repair: bool, progress: Callable[[str], None]) -> None:
         self.f = f
@@ -78,6 +102,7 @@ class _Checker:
         self.rep = CheckReport(f.path)
         self.blocks: dict[int, bytearray] = {}
         self.dirty: set[int] = set()
+        self.raw_bits: dict[int, int] = {}
 
     def problem(self, code: str, msg: str, fixable: bool = True) -> None:
         self.rep.problems.append(Problem(code, msg, fixable))
@@ -103,17 +128,22 @@ class _Checker:
         self.progress("checking bitmaps")
         bits = {r: self.bitmap(r) for r in (RES_BLOCK, RES_SUB, RES_PTR)}
         self.progress("checking file descriptors and block maps")
-        refs: dict[int, dict[int, _Ref]] = {r: {} for r in bits}
-        dups: list[tuple[int, int, _Ref]] = []
-        names: dict[str, int] = {}
+        self.refs: dict[int, dict[int, _Ref]] = {r: {} for r in bits}
+        self.dups: list[tuple[int, int, _Ref]] = []
+        self.bad: list[_BadPtr] = []
+        self.names: dict[str, int] = {}
+        self.used_desc: set[int] = set()
         for i in range(geom.max_files):
-            self.descriptor(i, refs, dups, names)
+            self.descriptor(i)
+        refs = self.refs
+        self.mend_pointers()
         self.progress("comparing references with bitmaps")
         for r in (RES_BLOCK, RES_SUB, RES_PTR):
             self.compare(r, bits[r], refs[r])
         self.truncation(refs)
         if self.repair:
-            self.fix_duplicates(dups, refs)
+            self.fix_duplicates(self.dups, refs)
+            self.lost_and_found()
             self.rebuild_bitmaps(refs)
             self.write_back()
         self.rep.used = {RESOURCE_NAMES[r]: len(refs[r]) for r in refs}
@@ -195,25 +225,25 @@ class _Checker:
                 self.problem("bad-checksum", str(e))
                 sound = False
             out += buf[mb.HDR:]
+        count = self.geom.resource_count(res)
+        # even a damaged bitmap tells which units held data: a hint for repair
+        self.raw_bits[res] = int.from_bytes(out, "little") & ((1 << count) - 1)
         return out if sound else None
 
-    def descriptor(self, i: int, refs, dups, names) -> None:
+    def descriptor(self, i: int) -> None:
         g = self.geom
         bno = g.desc_start + i
         buf = self.read(bno)
+        suspect = False
         try:
             mb.verify(buf, mb.KIND_DESC, bno)
             info = bm.read_desc(buf, i)
         except mb.CorruptMetadata as e:
-            self.problem("bad-checksum", f"{e} (repair removes this descriptor and the "
-                         f"disk it held)")
-            if self.repair:
-                new = mb.new_block(mb.KIND_DESC, bno)
-                bm.write_desc(new, in_use=False, name="", size=0, created_ns=0)
-                self.blocks[bno] = new
-                self.dirty.add(bno)
-                self.rep.repaired.append(f"removed damaged descriptor {i}")
-            return
+            salvaged = self.salvage_descriptor(i, buf, e)
+            if salvaged is None:
+                return
+            info = salvaged
+            suspect = True
         if not info.in_use:
             if any(bm.get_u64(buf, bm.slot_offset(s)) for s in range(bm.N_SLOTS)):
                 self.problem("stale-descriptor", f"free descriptor {i} still holds pointers")
@@ -221,81 +251,266 @@ class _Checker:
                     buf[bm.PTR_OFF:] = bytes(mb.META - bm.PTR_OFF)
                     self.dirty.add(bno)
             return
+        self.used_desc.add(i)
         self.rep.files += 1
-        if info.name in names:
-            self.problem("duplicate-name", f"descriptors {names[info.name]} and {i} are "
+        if info.name in self.names:
+            self.problem("duplicate-name", f"descriptors {self.names[info.name]} and {i} are "
                          f"both named {info.name!r}", fixable=False)
-        names[info.name] = i
+        self.names[info.name] = i
         nblocks = bm.file_blocks(g, info.size)
         if info.size <= 0 or nblocks > bm.MAX_FILE_BLOCKS:
             self.problem("bad-descriptor", f"file {info.name!r}: impossible size "
                          f"{info.size}", fixable=False)
             return
-
-        def visit(ptr: int, container: int, off: int, depth: int, first: int, span: int,
-                  where: str) -> None:
-            if ptr == 0:
-                return
-            try:
-                kind, unit = bm.decode_ptr(ptr, g, where=f" at {where}")
-            except bm.PointerOutOfRange as e:
-                self.problem("pointer-out-of-range", f"file {info.name!r}: {e}")
-                self.clear(container, off)
-                return
-            want = (bm.PK_PTR,) if depth else (bm.PK_BLOCK, bm.PK_SUB)
-            if kind not in want:
-                self.problem("pointer-out-of-range", f"file {info.name!r}: {where} holds "
-                             f"a {bm.PK_NAMES[kind]} pointer where a "
-                             f"{' or '.join(bm.PK_NAMES[k] for k in want)} belongs")
-                self.clear(container, off)
-                return
-            if first >= nblocks:
-                self.problem("pointer-out-of-range", f"file {info.name!r}: {where} maps "
-                             f"file block {first}, past the end ({nblocks} blocks)")
-                self.clear(container, off)
-                return
-            if depth == 0 and kind != bm.leaf_kind(g, info.size, first):
-                self.problem("pointer-out-of-range", f"file {info.name!r}: block {first} "
-                             f"is a {bm.PK_NAMES[kind]}, the size calls for a "
-                             f"{bm.PK_NAMES[bm.leaf_kind(g, info.size, first)]}")
-                self.clear(container, off)
-                return
-            res = bm.resource_of(kind)
-            ref = _Ref(f"file {info.name!r} {where}", container, off, i)
-            if unit in refs[res]:
-                other = refs[res][unit]
-                self.problem("double-allocation", f"{bm.PK_NAMES[kind]} {unit} is used by "
-                             f"{other.owner} and by {ref.owner}")
-                dups.append((res, unit, ref))
-                return
-            refs[res][unit] = ref
-            if depth:
-                pbno = g.ptr_start + unit
-                pbuf = self.read(pbno)
-                try:
-                    mb.verify(pbuf, mb.KIND_PTR, pbno)
-                except mb.CorruptMetadata as e:
-                    self.problem("bad-checksum", f"file {info.name!r}: {e} (repair drops "
-                                 f"the {span} blocks it maps)")
-                    del refs[res][unit]
-                    self.clear(container, off)
-                    return
-                sub = span // bm.P
-                for j in range(bm.P):
-                    p = bm.get_u64(pbuf, bm.entry_offset(j))
-                    if p:
-                        visit(p, pbno, bm.entry_offset(j), depth - 1, first + j * sub, sub,
-                              f"pointer block {unit}[{j}]")
-
+        ctx = _File(i, info.name, info.size, nblocks)
         for slot in range(bm.N_SLOTS):
             p = bm.get_u64(buf, bm.slot_offset(slot))
             if slot < bm.N_DIRECT:
-                visit(p, bno, bm.slot_offset(slot), 0, slot, 1, f"direct slot {slot}")
+                self.visit(ctx, p, bno, bm.slot_offset(slot), 0, slot, 1,
+                           f"direct slot {slot}", suspect)
             else:
                 depth = slot - bm.N_DIRECT + 1
                 first = bm.N_DIRECT + sum(bm.P ** d for d in range(1, depth))
-                visit(p, bno, bm.slot_offset(slot), depth, first, bm.P ** depth,
-                      f"indirect slot {slot}")
+                self.visit(ctx, p, bno, bm.slot_offset(slot), depth, first, bm.P ** depth,
+                           f"indirect slot {slot}", suspect)
+
+    def salvage_descriptor(self, i: int, buf: bytearray,
+                           err: mb.CorruptMetadata) -> bm.DescInfo | None:
+        """A descriptor that fails its checksum is rebuilt from what it still
+        holds (name, size, block map), never dropped with its data: every
+        pointer in it is then checked against the bitmaps before it counts."""
+        g = self.geom
+        bno = g.desc_start + i
+        flags, nlen, size, created, _r, raw = bm._DESC.unpack_from(buf, mb.HDR)
+        has_ptrs = any(bm.get_u64(buf, bm.slot_offset(s)) for s in range(bm.N_SLOTS))
+        in_use = has_ptrs or (flags & bm.DESC_IN_USE and 0 < nlen <= bm.NAME_MAX and size > 0)
+        if not in_use:
+            self.problem("bad-checksum", f"{err} (a free descriptor: repair clears it)")
+            if self.repair:
+                new = mb.new_block(mb.KIND_DESC, bno)
+                bm.write_desc(new, in_use=False, name="", size=0, created_ns=0)
+                self.blocks[bno] = new
+                self.dirty.add(bno)
+                self.rep.repaired.append(f"cleared damaged free descriptor {i}")
+            return None
+        try:
+            name = bytes(raw[:nlen]).decode() if 0 < nlen <= bm.NAME_MAX else ""
+        except UnicodeDecodeError:
+            name = ""
+        if not name or "/" in name:
+            name = f"lost+found-{i}"
+        limit = bm.MAX_FILE_BLOCKS * g.block_size
+        if not 0 < size <= limit:
+            last = max(s for s in range(bm.N_SLOTS) if bm.get_u64(buf, bm.slot_offset(s)))
+            if last < bm.N_DIRECT:
+                size = (last + 1) * g.block_size
+            else:
+                depth = last - bm.N_DIRECT + 1
+                size = min(limit, (bm.N_DIRECT + sum(bm.P ** d for d in range(1, depth + 1)))
+                           * g.block_size)
+        self.problem("bad-checksum", f"{err} (repair rebuilds it from its contents as "
+                     f"disk {name!r} of {size} bytes)")
+        if self.repair:
+            new = mb.new_block(mb.KIND_DESC, bno)
+            new[bm.PTR_OFF:] = buf[bm.PTR_OFF:]
+            bm.write_desc(new, in_use=True, name=name, size=size, created_ns=created)
+            struct.pack_into("<Q", new, 24, mb.header(buf)[6])  # keep its generation
+            self.blocks[bno] = new
+            self.dirty.add(bno)
+            self.rep.repaired.append(f"rebuilt descriptor {i} (disk {name!r}) from its "
+                                     f"contents")
+        return bm.DescInfo(i, True, name, size, created)
+
+    def pointer_fault(self, ctx: "_File", ptr: int, depth: int, first: int,
+                      suspect: bool) -> str:
+        """Why a pointer cannot be followed ("" if it can)."""
+        g = self.geom
+        try:
+            kind, unit = bm.decode_ptr(ptr, g)
+        except bm.PointerOutOfRange as e:
+            return str(e)
+        want = (bm.PK_PTR,) if depth else (bm.PK_BLOCK, bm.PK_SUB)
+        if kind not in want:
+            return (f"holds a {bm.PK_NAMES[kind]} pointer where a "
+                    f"{' or '.join(bm.PK_NAMES[k] for k in want)} belongs")
+        if first >= ctx.nblocks:
+            return f"maps file block {first}, past the end ({ctx.nblocks} blocks)"
+        if depth == 0 and kind != bm.leaf_kind(g, ctx.size, first):
+            return (f"block {first} is a {bm.PK_NAMES[kind]}, the size calls for a "
+                    f"{bm.PK_NAMES[bm.leaf_kind(g, ctx.size, first)]}")
+        if suspect and not self.raw_bits.get(bm.resource_of(kind), 0) >> unit & 1:
+            return f"in a damaged block, names free {bm.PK_NAMES[kind]} {unit}"
+        return ""
+
+    def visit(self, ctx: "_File", ptr: int, container: int, off: int, depth: int,
+              first: int, span: int, where: str, suspect: bool) -> None:
+        if ptr == 0:
+            return
+        g = self.geom
+        fault = self.pointer_fault(ctx, ptr, depth, first, suspect)
+        if fault:
+            self.bad.append(_BadPtr(ctx, ptr, container, off, depth, first, span, where,
+                                    fault))
+            return
+        kind, unit = bm.decode_ptr(ptr, g)
+        res = bm.resource_of(kind)
+        ref = _Ref(f"file {ctx.name!r} {where}", container, off, ctx.index)
+        if unit in self.refs[res]:
+            other = self.refs[res][unit]
+            self.problem("double-allocation", f"{bm.PK_NAMES[kind]} {unit} is used by "
+                         f"{other.owner} and by {ref.owner}")
+            self.dups.append((res, unit, ref))
+            return
+        self.refs[res][unit] = ref
+        if not depth:
+            return
+        pbno = g.ptr_start + unit
+        pbuf = self.read(pbno)
+        sub_suspect = suspect
+        try:
+            mb.verify(pbuf, mb.KIND_PTR, pbno)
+        except mb.CorruptMetadata as e:
+            self.problem("bad-checksum", f"file {ctx.name!r}: {e} (repair keeps the "
+                         f"pointers in it that check out)")
+            sub_suspect = True
+            if self.repair:
+                new = mb.new_block(mb.KIND_PTR, pbno)
+                new[mb.HDR:] = pbuf[mb.HDR:]
+                struct.pack_into("<Q", new, 24, mb.header(pbuf)[6])
+                self.blocks[pbno] = pbuf = new
+                self.dirty.add(pbno)
+                self.rep.repaired.append(f"resealed pointer block {unit} of file "
+                                         f"{ctx.name!r}")
+        sub = span // bm.P
+        for j in range(bm.P):
+            p = bm.get_u64(pbuf, bm.entry_offset(j))
+            if p:
+                self.visit(ctx, p, pbno, bm.entry_offset(j), depth - 1, first + j * sub,
+                           sub, f"pointer block {unit}[{j}]", sub_suspect)
+
+    def mend_pointers(self) -> None:
+        """A damaged pointer that differs in one byte from exactly one unit
+        nothing else references (still marked used) is taken to be that
+        unit's pointer; any other damaged pointer is cleared, and the data it
+        led to is left for lost+found."""
+        g = self.geom
+        for b in self.bad:
+            if b.depth:
+                kinds = (bm.PK_PTR,)
+            else:
+                kinds = (bm.leaf_kind(g, b.ctx.size, b.first),) if b.first < b.ctx.nblocks \
+                    else ()
+            found = set()
+            for kind in kinds:
+                res = bm.resource_of(kind)
+                bits, taken = self.raw_bits.get(res, 0), self.refs[res]
+                for byte in range(8):
+                    for v in range(256):
+                        cand = (b.ptr & ~(0xFF << 8 * byte)) | (v << 8 * byte)
+                        if cand == b.ptr or cand >> 62 != kind:
+                            continue
+                        unit = cand & ((1 << 48) - 1)
+                        if (cand >> 48) & 0x3FFF or unit >= g.resource_count(res):
+                            continue
+                        if bits >> unit & 1 and unit not in taken:
+                            found.add(cand)
+            where = f"file {b.ctx.name!r}: {b.where}"
+            if len(found) == 1:
+                good = found.pop()
+                self.problem("pointer-damaged", f"{where}: pointer {b.ptr:#x} {b.fault}; "
+                             f"repair restores {good:#x}")
+                if self.repair:
+                    bm.set_u64(self.read(b.container), b.off, good)
+                    self.dirty.add(b.container)
+                    self.rep.repaired.append(f"restored the pointer at {where}")
+                self.visit(b.ctx, good, b.container, b.off, b.depth, b.first, b.span,
+                           b.where, False)
+                continue
+            self.problem("pointer-out-of-range", f"{where}: pointer {b.ptr:#x} {b.fault}")
+            self.clear(b.container, b.off)
+
+    def lost_and_found(self) -> None:
+        """Units still marked used that nothing references and that hold
+        data become disks named lost+found; empty ones are freed. Nothing
+        with data is freed: if no descriptor is left, the units stay
+        allocated and the report says so."""
+        g = self.geom
+        orphans: dict[int, list[int]] = {}
+        for res in (RES_BLOCK, RES_SUB):
+            bits = self.raw_bits.get(res, 0) & ~sum(1 << u for u in self.refs[res])
+            units = []
+            while bits:
+                low = bits & -bits
+                unit = low.bit_length() - 1
+                bits ^= low
+                if self.holds_data(res, unit):
+                    units.append(unit)
+            orphans[res] = units
+        plan: list[tuple[int, list[int]]] = []
+        blocks = orphans[RES_BLOCK]
+        for k in range(0, len(blocks), bm.N_DIRECT):
+            plan.append((RES_BLOCK, blocks[k:k + bm.N_DIRECT]))
+        plan += [(RES_SUB, [u]) for u in orphans[RES_SUB]]
+        free = [i for i in range(g.max_files) if i not in self.used_desc
+                and not self.desc_in_use(i)]
+        kept = 0
+        for res, units in plan:
+            if not free:
+                for u in units:
+                    self.refs[res][u] = _Ref("unplaced data", -1, -1, -1)
+                kept += len(units)
+                continue
+            i = free.pop(0)
+            name = "lost+found"
+            n = 2
+            while name in self.names:
+                name, n = f"lost+found-{n}", n + 1
+            self.names[name] = i
+            size = len(units) * (g.block_size if res == RES_BLOCK else g.sub_block_size)
+            bno = g.desc_start + i
+            new = mb.new_block(mb.KIND_DESC, bno)
+            bm.write_desc(new, in_use=True, name=name, size=size, created_ns=time.time_ns())
+            kind = bm.PK_BLOCK if res == RES_BLOCK else bm.PK_SUB
+            for slot, u in enumerate(units):
+                bm.set_u64(new, bm.slot_offset(slot), bm.make_ptr(kind, u))
+                self.refs[res][u] = _Ref(f"file {name!r} direct slot {slot}", bno,
+                                         bm.slot_offset(slot), i)
+            self.blocks[bno] = new
+            self.dirty.add(bno)
+            self.rep.files += 1
+            self.rep.repaired.append(f"moved {len(units)} {RESOURCE_NAMES[res]}s that "
+                                     f"hold data but belong to no disk into {name!r}")
+            self.problem("lost-found", f"{len(units)} {RESOURCE_NAMES[res]}s with data "
+                         f"lost their place in a disk; they are now in {name!r}",
+                         fixable=False)
+        if kept:
+            self.problem("lost-found", f"{kept} units hold data that belongs to no disk, "
+                         f"and no descriptor is free for lost+found: left allocated",
+                         fixable=False)
+
+    def desc_in_use(self, i: int) -> bool:
+        buf = self.read(self.geom.desc_start + i)
+        try:
+            return bm.read_desc(buf, i).in_use or any(
+                bm.get_u64(buf, bm.slot_offset(s)) for s in range(bm.N_SLOTS))
+        except mb.CorruptMetadata:
+            return True
+
+    def holds_data(self, res: int, unit: int) -> bool:
+        g = self.geom
+        off = g.block_offset(unit) if res == RES_BLOCK else g.sub_block_offset(unit)
+        length = g.block_size if res == RES_BLOCK else g.sub_block_size
+        try:
+            start = os.lseek(self.f.fd, off, os.SEEK_DATA)
+        except OSError:
+            return False  # nothing but holes from here on
+        if start >= off + length:
+            return False
+        for pos in range(off, off + length, 1 << 20):
+            chunk = self.f.pread(pos, min(1 << 20, off + length - pos))
+            if chunk.count(0) != len(chunk):
+                return True
+        return False
 
     def truncation(self, refs) -> None:
         """A file shorter than its geometry: data units past the end are lost

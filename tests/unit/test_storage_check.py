@@ -110,18 +110,55 @@ def test_bad_checksums(volume):
     assert [p.code for p in rep.problems].count("bad-checksum") == 2
     assert any("pointer block" in p.message for p in rep.problems)
     repair_and_confirm(path)
-    with Volume.open(path) as v:  # the subtree under the damaged block is gone
-        assert v.read_bytes(v.lookup("a"), 600 * BS, 3) == bytes(3)
+    with Volume.open(path) as v:  # the pointers in the damaged block are kept
+        assert v.read_bytes(v.lookup("a"), 600 * BS, 3) == b"far"
 
 
-def test_damaged_descriptor_is_removed(volume):
+def test_a_damaged_descriptor_keeps_its_disk_and_data(volume):
     path, geom = volume
     edit(path, geom.desc_start + 1, lambda b: b.__setitem__(50, b[50] ^ 4), reseal=False)
     rep = check_volume(path)
     assert "bad-checksum" in codes(rep)
     repair_and_confirm(path)
     with Volume.open(path) as v:
-        assert [f.name for f in v.files()] == ["a"]
+        assert [f.name for f in v.files()] == ["a", "b"]
+        assert v.read_bytes(v.lookup("b"), 0, 100) == b"B" * 100
+
+
+@pytest.mark.parametrize("where", [32 + 20, 32 + 40, 192 + 8 * bm.N_DIRECT + 3])
+def test_a_flipped_byte_in_a_descriptor_loses_no_data(volume, where):
+    path, geom = volume
+    edit(path, geom.desc_start, lambda b: b.__setitem__(where, b[where] ^ 0x10), reseal=False)
+    rep = check_volume(path, repair=True)
+    assert rep.repaired
+    assert check_volume(path).clean
+    with Volume.open(path) as v:
+        a = v.lookup("a")
+        for i in range(3):
+            assert v.read_bytes(a, i * BS, 4096) == bytes([i + 1]) * 4096
+        assert v.read_bytes(a, 600 * BS, 3) == b"far"
+
+
+def test_data_a_damaged_pointer_led_to_goes_to_lost_and_found(volume):
+    path, geom = volume
+    # block 1 of disk a now points out of range, two bytes off: its data
+    # block is orphaned and no single-byte change explains the damage
+    def damage(b):
+        b[192 + 8 + 5] = 0x7F
+        b[192 + 8] ^= 0x55
+    edit(path, geom.desc_start, damage, reseal=False)
+    rep = check_volume(path, repair=True)
+    assert rep.exit_code(True) == EXIT_UNCORRECTED  # a disk lost a block: say so
+    assert any("lost+found" in r for r in rep.repaired)
+    assert check_volume(path).clean
+    with Volume.open(path) as v:
+        names = [f.name for f in v.files()]
+        assert "a" in names and "lost+found" in names
+        lf = v.lookup("lost+found")
+        assert v.read_bytes(lf, 0, 4096) == bytes([2]) * 4096
+        a = v.lookup("a")
+        assert v.read_bytes(a, 0, 4096) == bytes([1]) * 4096
+        assert v.read_bytes(a, 2 * BS, 4096) == bytes([3]) * 4096
 
 
 def test_damaged_primary_superblock_is_restored(volume):
@@ -173,3 +210,33 @@ def test_a_truncation_that_loses_no_data_is_repaired(volume):
         Volume.open(path)
     assert "truncated" in codes(check_volume(path))
     repair_and_confirm(path)
+
+
+def test_a_pointer_one_byte_off_an_orphaned_unit_is_restored(volume):
+    path, geom = volume
+    edit(path, geom.desc_start, lambda b: b.__setitem__(192 + 8 + 5, 0x7F), reseal=False)
+    rep = check_volume(path, repair=True)
+    assert "pointer-damaged" in codes(rep) and rep.exit_code(True) == EXIT_CORRECTED
+    assert check_volume(path).clean
+    with Volume.open(path) as v:
+        assert v.read_bytes(v.lookup("a"), BS, 4096) == bytes([2]) * 4096
+
+
+def test_a_pointer_block_with_a_wrecked_header_keeps_the_blocks_it_maps(tmp_path):
+    path = str(tmp_path / "p.vol")
+    with Volume.create(path, Geometry.for_capacity(4 << 20, block_size=BS,
+                                                   sub_block_size=8 << 10,
+                                                   journal_size=64 << 10)) as v:
+        d = v.create_file("d", 40 << 20)
+        v.write_sg(d, [(bytes([i]) * 512, (bm.N_DIRECT + i) * BS) for i in range(1, 21)])
+        pb = bm.decode_ptr(bm.get_u64(v._desc(d), bm.slot_offset(bm.SLOT_SINGLE)), v.geom)[1]
+        geom = v.geom
+    edit(path, geom.ptr_start + pb, lambda b: b.__setitem__(slice(0, 32), b"\xee" * 32),
+         reseal=False)
+    rep = check_volume(path, repair=True)
+    assert rep.exit_code(True) == EXIT_CORRECTED
+    assert check_volume(path).clean
+    with Volume.open(path) as v:
+        d = v.lookup("d")
+        for i in range(1, 21):
+            assert v.read_bytes(d, (bm.N_DIRECT + i) * BS, 512) == bytes([i]) * 512
