@@ -2,14 +2,36 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import sys
 import threading
-from typing import Sequence
+import time
+from typing import NoReturn, Sequence
 
 from hvkit import __version__
-from hvkit.errors import GuestCrash, GuestTimeout, HvkitError
+from hvkit.errors import ConfigError, GuestCrash, GuestTimeout, HvkitError
+
+#: exit codes every subcommand shares
+EXIT_USAGE = 2        # bad input: a one-line "hvkit: error: ..." on stderr
+EXIT_TIMEOUT = 124    # hvkit run: the guest did not finish in --timeout
+EXIT_CRASH = 125      # hvkit run: the guest crashed (registers on stderr)
+EXIT_INTERNAL = 3     # a defect in hvkit itself (HVKIT_DEBUG=1 shows the traceback)
+
+RUN_EPILOG = """exit codes: the guest's exit code modulo 256; 124 the guest did not
+finish within --timeout; 125 the guest crashed; 2 bad input (the guest never
+ran). A guest may itself exit with 2, 124 or 125: --json tells them apart
+(exit_reason: exit, timeout, crash, ...). --timeout 0 or none: no limit."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with hvkit's one error form: ``hvkit: error: ...``, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        cmd = self.prog.replace("hvkit", "", 1).strip()
+        hint = f" (see 'hvkit {cmd} --help')" if cmd else " (see 'hvkit --help')"
+        self.exit(EXIT_USAGE, f"hvkit: error: {message}{hint}\n")
 
 
 def _forward_stdin(vm) -> None:
@@ -21,40 +43,100 @@ def _forward_stdin(vm) -> None:
             return
         if not data:
             return
-        vm.send_input(data)
+        try:
+            vm.send_input(data)
+        except HvkitError:      # the VM ended meanwhile
+            return
+
+
+def _timeout(text: str) -> float | None:
+    """--timeout: seconds; 0 or "none" for no limit."""
+    from hvkit.vmm.config import check_timeout
+    if text.strip().lower() in ("none", "no", "off"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    try:
+        return check_timeout(value, "--timeout")
+    except HvkitError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def run_config(args: argparse.Namespace):
+    """The VmConfig ``hvkit run`` boots: --config FILE, with flags on top."""
+    from hvkit.vmm.config import VmConfig
+    flags: dict[str, object] = {}
+    for name, value in (("guest", args.guest), ("kernel", args.kernel),
+                        ("initrd", args.initrd), ("cmdline", args.cmdline),
+                        ("memory", args.memory), ("vcpus", args.vcpus), ("args", args.args),
+                        ("boot", args.boot), ("host_profile", args.host_profile)):
+        if value is not None:
+            flags[name] = value
+    if args.config:
+        base = VmConfig.from_file(args.config).to_dict()
+        if "guest" in flags or "kernel" in flags:
+            base.pop("guest", None)
+            base.pop("kernel", None)
+            if "guest" in flags:
+                base.pop("initrd", None)
+                base.pop("cmdline", None)
+        base.update(flags)
+        if "timeout" in base and args.timeout is None:
+            args.timeout = base["timeout"]
+        return VmConfig.from_dict(base)
+    if "guest" not in flags and "kernel" not in flags:
+        raise ConfigError("nothing to boot: give a guest ELF, --kernel or --config")
+    return VmConfig(**flags)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from hvkit.errors import ConfigError
     from hvkit.machine import MicroVM
-    if (args.guest is None) == (args.kernel is None):
-        raise ConfigError("give a guest ELF or --kernel, not both" if args.guest
-                          else "nothing to boot: give a guest ELF or --kernel")
-    if args.kernel is None and (args.initrd or args.cmdline is not None):
-        raise ConfigError("--initrd and --cmdline go with --kernel")
-    what = args.guest or args.kernel
+    config = run_config(args)
+    if args.print_config:
+        print(config.to_json())
+        return 0
+    what = config.guest or config.kernel
     if args.verbose:
-        print(f"hvkit: booting {what} ({args.memory}, {args.vcpus} vCPU)", file=sys.stderr)
-    kwargs = dict(memory=args.memory, vcpus=args.vcpus, console=sys.stdout)
-    if args.kernel:
-        kwargs.update(kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline,
-                      boot=args.boot, host_profile=args.host_profile)
-    else:
-        kwargs.update(args=args.args or "")
-    with MicroVM(args.guest, **kwargs) as vm:
-        if args.verbose and args.kernel:
+        print(f"hvkit: booting {what} ({config.memory >> 20} MiB, {config.vcpus} vCPU)",
+              file=sys.stderr)
+    started = time.monotonic()
+    with MicroVM(config=config, console=None if args.json else sys.stdout) as vm:
+        if args.verbose and config.is_linux:
             print(f"hvkit: command line: {vm.cmdline}", file=sys.stderr)
+        built = time.monotonic()
         vm.start()
         if args.input:
             threading.Thread(target=_forward_stdin, args=(vm,), daemon=True).start()
+        error: BaseException | None = None
         try:
             code = vm.wait(args.timeout)
+        except (GuestCrash, GuestTimeout) as exc:
+            if not args.json:
+                raise
+            code, error = None, exc
         finally:
             sys.stdout.flush()
         if args.verbose:
             print(f"hvkit: guest exited with code {code} ({vm.exit_reason}); "
                   f"exits: {vm.exit_counts()}", file=sys.stderr)
-        return code & 0xFF
+        if args.json:
+            out = vm.console_output
+            print(json.dumps({
+                "exit_reason": vm.exit_reason, "exit_code": code,
+                "error": str(error).splitlines()[0] if error else None,
+                "console": out.decode("utf-8", errors="replace"),
+                "console_base64": base64.b64encode(out).decode(),
+                "exits": vm.exit_counts(),
+                "timings": {"build_s": built - started, "run_s": time.monotonic() - built,
+                            **{f"build_{k}_s": v for k, v in vm.timings.items()}},
+            }, indent=2))
+            if isinstance(error, GuestTimeout):
+                return EXIT_TIMEOUT
+            if isinstance(error, GuestCrash):
+                return EXIT_CRASH
+        return (code or 0) & 0xFF
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -90,7 +172,7 @@ def cmd_guests(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hvkit", description="A userspace hypervisor toolkit on Linux KVM.")
+    p = Parser(prog="hvkit", description="A userspace hypervisor toolkit on Linux KVM.")
     p.add_argument("--version", action="version", version=f"hvkit {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -98,20 +180,30 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="boot a guest or a Linux kernel and stream its console",
                          description="Boot a freestanding ELF guest (a path, or the name of a "
                                      "bundled guest such as 'hello'), or a Linux kernel with "
-                                     "--kernel; exits with the guest's code.")
+                                     "--kernel, or a VM described by --config FILE (JSON).",
+                         epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("guest", nargs="?", help="guest ELF path or bundled guest name")
+    run.add_argument("--config", metavar="FILE",
+                     help="a VM config (JSON, see --print-config); flags given override it")
+    run.add_argument("--print-config", action="store_true",
+                     help="print the VM config these arguments make, as JSON, and exit")
+    run.add_argument("--json", action="store_true",
+                     help="print a JSON report (exit reason, code, console, exits, timings) "
+                          "instead of streaming the console")
     run.add_argument("--kernel", "-k", help="Linux bzImage or ELF vmlinux (PVH)")
     run.add_argument("--initrd", help="initramfs for --kernel")
     run.add_argument("--cmdline", help="kernel command line (default: serial console, "
                                        "reboot ends the VM)")
-    run.add_argument("--boot", choices=("auto", "pvh", "bzimage"), default="auto",
+    run.add_argument("--boot", choices=("auto", "pvh", "bzimage"), default=None,
                      help="how to enter the kernel (auto: by format)")
-    run.add_argument("--host-profile", choices=("auto", "pvm", "none"), default="auto",
+    run.add_argument("--host-profile", choices=("auto", "pvm", "none"), default=None,
                      help="CPUID and command-line shaping for this host (default: detect)")
-    run.add_argument("--memory", "-m", default="64M", help="guest RAM (default 64M)")
-    run.add_argument("--vcpus", "-c", type=int, default=1, help="number of vCPUs (default 1)")
-    run.add_argument("--timeout", "-t", type=float, default=None, help="stop after S seconds")
-    run.add_argument("--args", "-a", default="", help="argument string passed to the guest")
+    run.add_argument("--memory", "-m", default=None,
+                     help="guest RAM: 64M, 1G; a bare number is MiB (default 64M)")
+    run.add_argument("--vcpus", "-c", type=int, default=None, help="number of vCPUs (default 1)")
+    run.add_argument("--timeout", "-t", type=_timeout, default=None,
+                     help="stop after S seconds (0 or none: no limit, the default)")
+    run.add_argument("--args", "-a", default=None, help="argument string passed to the guest")
     run.add_argument("--input", "-i", action="store_true", help="forward stdin to the serial console")
     run.add_argument("--verbose", "-v", action="store_true", help="print progress to stderr")
     run.set_defaults(func=cmd_run)
@@ -138,16 +230,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except GuestCrash as exc:
         print(f"hvkit: {exc}", file=sys.stderr)
-        return 125
+        return EXIT_CRASH
     except GuestTimeout as exc:
         print(f"hvkit: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 124
+        return EXIT_TIMEOUT
     except HvkitError as exc:
         print(f"hvkit: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"hvkit: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
-
+    except Exception as exc:  # a defect of ours: say so in one line
+        if os.environ.get("HVKIT_DEBUG"):
+            raise
+        print(f"hvkit: internal error: {type(exc).__name__}: {exc} "
+              "(HVKIT_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
 
 if __name__ == "__main__":
     sys.exit(main())

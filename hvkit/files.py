@@ -18,7 +18,7 @@ from hvkit.errors import GuestLoadError, HvkitError
 
 
 def _why(exc: OSError) -> str:
-    return exc.strerror or str(exc)
+    return (exc.strerror or str(exc)).lower()
 
 
 def check_regular(path: str | os.PathLike, what: str,

@@ -11,7 +11,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from hvkit.errors import ConfigError
 from hvkit.platform.msi import KvmMsi  # noqa: F401 (re-exported for embedders)
-from hvkit.vmm.builder import Loader, build, default_kvm
+from hvkit.vmm.builder import Loader, build, default_kvm  # noqa: F401
 from hvkit.vmm.config import MAX_VCPUS, EntryState, PortMap, VmConfig  # noqa: F401
 from hvkit.vmm.reaper import wait_for_closes  # noqa: F401 (re-exported)
 from hvkit.vmm.runtime import Vmm
@@ -59,7 +59,7 @@ class MicroVM(Vmm):
                               entry=entry, secondary_vcpus=secondary_vcpus)
         elif not isinstance(config, VmConfig):
             raise ConfigError(f"config must be a VmConfig, not {type(config).__name__}")
-        Vmm.__init__(self, config, kvm or default_kvm())
+        Vmm.__init__(self, config, kvm)
         build(config, console=console, loader=loader, into=self)
 
     # Read-only views kept from the first MicroVM, for scripts that use them.

@@ -13,7 +13,8 @@ import stat
 import sys
 
 from hvkit.boot import initramfs
-from hvkit.errors import GuestLoadError
+from hvkit.errors import GuestLoadError, HvkitError
+from hvkit.files import atomic_write, read_regular
 
 
 def add_initramfs_command(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
@@ -49,13 +50,14 @@ def add_initramfs_command(subparsers: "argparse._SubParsersAction") -> argparse.
 def run_initramfs_command(args: argparse.Namespace) -> int:
     try:
         if args.list:
-            with open(args.list, "rb") as fh:
-                for e in initramfs.read_newc(fh.read()):
-                    print(f"{stat.filemode(e.mode)} {len(e.data):>9} /{e.path}"
-                          + (f" -> {e.data.decode()}" if stat.S_ISLNK(e.mode) else ""))
+            for e in initramfs.read_newc(read_regular(args.list, "cpio archive",
+                                                      error=HvkitError)):
+                print(f"{stat.filemode(e.mode)} {len(e.data):>9} /{e.path}"
+                      + (f" -> {e.data.decode(errors='replace')}" if stat.S_ISLNK(e.mode)
+                         else ""))
             return 0
         if not args.output:
-            print("hvkit initramfs: -o/--output is required", file=sys.stderr)
+            print("hvkit: error: initramfs: -o/--output is required", file=sys.stderr)
             return 2
         entries: list[initramfs.Entry] = []
         for d in args.dir:
@@ -66,11 +68,11 @@ def run_initramfs_command(args: argparse.Namespace) -> int:
             host, sep, guest = spec.partition(":")
             if not sep or not guest:
                 raise GuestLoadError(f"--file {spec!r}: expected HOST:GUEST")
-            with open(host, "rb") as fh:
-                entries.append(initramfs.file(guest, fh.read(), os.stat(host).st_mode & 0o7777))
+            data = read_regular(host, "--file", error=HvkitError)
+            entries.append(initramfs.file(guest, data, os.stat(host).st_mode & 0o7777))
         if args.init:
-            with open(args.init, "rb") as fh:
-                entries.append(initramfs.file("/init", fh.read(), 0o755))
+            entries.append(initramfs.file("/init", read_regular(args.init, "--init script",
+                                                                error=HvkitError), 0o755))
         elif not args.no_busybox:
             entries.append(initramfs.file("/init", initramfs.init_script(
                 marker=args.marker, commands=args.run, poweroff=not args.shell), 0o755))
@@ -79,14 +81,14 @@ def run_initramfs_command(args: argparse.Namespace) -> int:
             merged["/" + e.path.strip("/")] = e
         image = initramfs.build_initramfs(merged.values(),
                                           compression="gzip" if args.gzip else None)
-        with open(args.output, "wb") as fh:
+        with atomic_write(args.output, "initramfs") as fh:
             fh.write(image)
         print(f"{args.output}: {len(image)} bytes, {len(merged)} entries"
               + (", gzip" if args.gzip else ""))
         return 0
-    except (GuestLoadError, OSError) as exc:
-        print(f"hvkit initramfs: {exc}", file=sys.stderr)
-        return 1
+    except (HvkitError, OSError) as exc:
+        print(f"hvkit: error: initramfs: {exc}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,8 +16,13 @@ def path(name: str) -> str:
     """Path of a bundled guest by name (``"hello"``), or ``name`` itself if
     it is a file."""
     if os.path.sep in name or name.endswith(".elf") or os.path.exists(name):
-        if not os.path.exists(name):
-            raise GuestLoadError(f"{name}: no such guest image")
+        try:
+            os.stat(name)
+        except FileNotFoundError:
+            raise GuestLoadError(f"{name}: no such guest image") from None
+        except OSError as exc:
+            raise GuestLoadError(f"{name}: cannot read guest image: "
+                                 f"{(exc.strerror or str(exc)).lower()}") from None
         return name
     p = os.path.join(HERE, f"{name}.elf")
     if not os.path.exists(p):

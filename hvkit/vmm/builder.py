@@ -182,9 +182,11 @@ def build(config: VmConfig, *, kvm: "Kvm | None" = None,
         raise ConfigError(f"loader {loader!r} is not callable")
     # Bad images are refused before any KVM object exists.
     image = loaders.read_guest(config) if config.guest is not None else None
-    vmm = into if into is not None else Vmm(config, kvm or default_kvm())
+    vmm = into if into is not None else Vmm(config, kvm)
     timings = vmm.timings
     try:
+        if vmm.kvm is None:
+            vmm.kvm = kvm or default_kvm()
         t = time.perf_counter()
         attach_console(vmm, console)
         vmm.memory = build_memory(config)

@@ -59,7 +59,9 @@ class Vmm:
     the exception), "timeout", or "stopped" (the host called ``stop()``).
     """
 
-    def __init__(self, config: VmConfig, kvm: "Kvm") -> None:
+    def __init__(self, config: VmConfig, kvm: "Kvm | None" = None) -> None:
+        """An unbuilt VM; ``hvkit.vmm.builder.build`` fills it (and opens
+        /dev/kvm if ``kvm`` is None, after the guest image is read)."""
         self.config = config
         self.kvm = kvm
         self.vm: "Vm | None" = None

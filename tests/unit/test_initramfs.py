@@ -175,5 +175,5 @@ def test_cli_builds_and_lists(tmp_path, capsys):
 def test_cli_errors(tmp_path, capsys):
     assert _cli(["initramfs"]) == 2
     assert _cli(["initramfs", "-o", str(tmp_path / "x"), "--no-busybox",
-                 "--file", "nocolon"]) == 1
+                 "--file", "nocolon"]) == 2
     assert "HOST:GUEST" in capsys.readouterr().err
