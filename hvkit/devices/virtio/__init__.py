@@ -11,11 +11,12 @@ from hvkit.devices.virtio.chain import Chain, ChainError, QueueBroken, VirtioErr
 from hvkit.devices.virtio.console import VirtioConsole
 from hvkit.devices.virtio.device import VirtioDevice
 from hvkit.devices.virtio.mmio import NotifyRegion, VirtioMmioTransport, cmdline_token
+from hvkit.devices.virtio.net import VirtioNet
 from hvkit.devices.virtio.pci import VirtioPciTransport
 from hvkit.devices.virtio.queue import Virtqueue
 from hvkit.devices.virtio.rng import VirtioRng
 from hvkit.devices.virtio.vsock import VirtioVsock
 
 __all__ = ["Chain", "ChainError", "NotifyRegion", "QueueBroken", "VirtioBlk",
-           "VirtioConsole", "VirtioDevice", "VirtioError", "VirtioMmioTransport",
+           "VirtioConsole", "VirtioDevice", "VirtioError", "VirtioMmioTransport", "VirtioNet",
            "VirtioPciTransport", "VirtioRng", "VirtioVsock", "Virtqueue", "cmdline_token"]
