@@ -129,3 +129,54 @@ def build_cpuid(supported: Iterable[CpuidEntry], vcpu_id: int, nr_vcpus: int, *,
         if e is not None:
             setattr(e, reg, getattr(e, reg) & ~(1 << bit))
     return out
+
+
+def set_leaf(entries: list[CpuidEntry], leaf: int, subleaf: int = 0, *,
+             eax: int | None = None, ebx: int | None = None, ecx: int | None = None,
+             edx: int | None = None, significant_index: bool | None = None) -> CpuidEntry:
+    """Set registers of one leaf (adding the leaf if it is missing), for a
+    VMM that presents a guest with CPUID values of its own."""
+    for name, value in (("eax", eax), ("ebx", ebx), ("ecx", ecx), ("edx", edx)):
+        if value is not None and not 0 <= value <= 0xFFFFFFFF:
+            raise ConfigError(f"CPUID {leaf:#x}.{subleaf}: {name}={value:#x} is not 32 bits")
+    e = next((x for x in entries if x.function == leaf and x.index == subleaf), None)
+    if e is None:
+        e = CpuidEntry(leaf, subleaf)
+        entries.append(e)
+    if significant_index is not None:
+        e.flags = (e.flags | CpuidEntry.SIGNIFICANT_INDEX) if significant_index \
+            else (e.flags & ~CpuidEntry.SIGNIFICANT_INDEX)
+    for name, value in (("eax", eax), ("ebx", ebx), ("ecx", ecx), ("edx", edx)):
+        if value is not None:
+            setattr(e, name, value)
+    return e
+
+
+def set_feature(entries: list[CpuidEntry], name: str, on: bool) -> None:
+    """Show or hide one named feature bit (see FEATURES)."""
+    leaf, sub, reg, bit = _feature(name)
+    e = find(entries, leaf, sub) or set_leaf(entries, leaf, sub)
+    value = getattr(e, reg)
+    setattr(e, reg, value | (1 << bit) if on else value & ~(1 << bit))
+
+
+def vendor(entries: Iterable[CpuidEntry]) -> str:
+    """The 12-character vendor string of leaf 0 ("GenuineIntel", "AuthenticAMD")."""
+    e = find(entries, 0)
+    if e is None:
+        return ""
+    return b"".join(r.to_bytes(4, "little") for r in (e.ebx, e.edx, e.ecx)).decode(
+        "ascii", errors="replace")
+
+
+def set_vendor(entries: list[CpuidEntry], name: str) -> None:
+    """Present another vendor string in leaf 0 (and its 0x80000000 mirror
+    on AMD-style tables); exactly 12 ASCII characters."""
+    raw = name.encode("ascii", errors="replace")
+    if len(raw) != 12:
+        raise ConfigError(f"CPUID vendor {name!r} is not 12 ASCII characters")
+    ebx, edx, ecx = (int.from_bytes(raw[i:i + 4], "little") for i in (0, 4, 8))
+    set_leaf(entries, 0, ebx=ebx, edx=edx, ecx=ecx)
+    ext = find(entries, 0x80000000)
+    if ext is not None and (ext.ebx or ext.ecx or ext.edx):
+        ext.ebx, ext.edx, ext.ecx = ebx, edx, ecx
