@@ -36,6 +36,8 @@ _INDEX_MASK = (1 << 48) - 1
 #: flags, name_len, size, created_ns, reserved, name
 _DESC = struct.Struct("<IIQQQ128s")
 DESC_IN_USE = 1
+#: set while a disk is being filled (an import): the disk is not usable yet
+DESC_INCOMPLETE = 2
 NAME_MAX = 128
 _U64 = struct.Struct("<Q")
 
@@ -107,6 +109,7 @@ class DescInfo:
     name: str
     size: int
     created_ns: int
+    incomplete: bool = False
 
 
 def read_desc(buf: bytes | bytearray, index: int) -> DescInfo:
@@ -117,15 +120,17 @@ def read_desc(buf: bytes | bytearray, index: int) -> DescInfo:
         name = raw[:nlen].decode()
     except UnicodeDecodeError as e:
         raise mb.CorruptMetadata(f"file descriptor {index}: name is not UTF-8") from e
-    return DescInfo(index, bool(flags & DESC_IN_USE), name, size, created)
+    return DescInfo(index, bool(flags & DESC_IN_USE), name, size, created,
+                    bool(flags & DESC_INCOMPLETE))
 
 
-def write_desc(buf: bytearray, *, in_use: bool, name: str, size: int, created_ns: int) -> None:
+def write_desc(buf: bytearray, *, in_use: bool, name: str, size: int, created_ns: int,
+               incomplete: bool = False) -> None:
     raw = name.encode()
     if len(raw) > NAME_MAX:
         raise StorageError(f"file name {name!r} is longer than {NAME_MAX} bytes")
-    _DESC.pack_into(buf, mb.HDR, DESC_IN_USE if in_use else 0, len(raw), size,
-                    created_ns, 0, raw)
+    flags = (DESC_IN_USE if in_use else 0) | (DESC_INCOMPLETE if incomplete else 0)
+    _DESC.pack_into(buf, mb.HDR, flags, len(raw), size, created_ns, 0, raw)
 
 
 def leaf_kind(geom: Geometry, size: int, fbi: int) -> int:

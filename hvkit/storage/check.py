@@ -73,12 +73,21 @@ class _Ref:
     fidx: int
 
 
+def _bits_of(units, count: int) -> int:
+    """The set of ``units`` as an int bitmap, built in linear time."""
+    raw = bytearray((count + 7) // 8)
+    for u in units:
+        raw[u >> 3] |= 1 << (u & 7)
+    return int.from_bytes(raw, "little")
+
+
 @dataclass
 class _File:
     index: int
     name: str
     size: int
     nblocks: int
+    rollback: bool = False
 
 
 @dataclass
@@ -133,6 +142,8 @@ class _Checker:
         self.bad: list[_BadPtr] = []
         self.names: dict[str, int] = {}
         self.used_desc: set[int] = set()
+        self.rollback: set[tuple[int, int]] = set()
+        self.rollback_desc: list[int] = []
         for i in range(geom.max_files):
             self.descriptor(i)
         refs = self.refs
@@ -143,6 +154,7 @@ class _Checker:
         self.truncation(refs)
         if self.repair:
             self.fix_duplicates(self.dups, refs)
+            self.roll_back()
             self.lost_and_found()
             self.rebuild_bitmaps(refs)
             self.write_back()
@@ -263,6 +275,12 @@ class _Checker:
                          f"{info.size}", fixable=False)
             return
         ctx = _File(i, info.name, info.size, nblocks)
+        if info.incomplete:
+            self.problem("incomplete-disk", f"disk {info.name!r} is incomplete: an import "
+                         f"into it did not finish (repair removes it)")
+            if self.repair:
+                ctx.rollback = True
+                self.rollback_desc.append(i)
         for slot in range(bm.N_SLOTS):
             p = bm.get_u64(buf, bm.slot_offset(slot))
             if slot < bm.N_DIRECT:
@@ -362,6 +380,8 @@ class _Checker:
             self.dups.append((res, unit, ref))
             return
         self.refs[res][unit] = ref
+        if ctx.rollback:
+            self.rollback.add((res, unit))
         if not depth:
             return
         pbno = g.ptr_start + unit
@@ -429,6 +449,23 @@ class _Checker:
             self.problem("pointer-out-of-range", f"{where}: pointer {b.ptr:#x} {b.fault}")
             self.clear(b.container, b.off)
 
+    def roll_back(self) -> None:
+        """Remove disks whose import never finished, freeing what they hold."""
+        g = self.geom
+        for i in self.rollback_desc:
+            bno = g.desc_start + i
+            info = bm.read_desc(self.read(bno), i)
+            new = mb.new_block(mb.KIND_DESC, bno)
+            bm.write_desc(new, in_use=False, name="", size=0, created_ns=0)
+            self.blocks[bno] = new
+            self.dirty.add(bno)
+            self.used_desc.discard(i)
+            self.names.pop(info.name, None)
+            self.rep.files -= 1
+            self.rep.repaired.append(f"removed incomplete disk {info.name!r}")
+        for res, unit in self.rollback:
+            self.refs[res].pop(unit, None)
+
     def lost_and_found(self) -> None:
         """Units still marked used that nothing references and that hold
         data become disks named lost+found; empty ones are freed. Nothing
@@ -437,7 +474,8 @@ class _Checker:
         g = self.geom
         orphans: dict[int, list[int]] = {}
         for res in (RES_BLOCK, RES_SUB):
-            bits = self.raw_bits.get(res, 0) & ~sum(1 << u for u in self.refs[res])
+            taken = set(self.refs[res]) | {u for r, u in self.rollback if r == res}
+            bits = self.raw_bits.get(res, 0) & ~_bits_of(taken, g.resource_count(res))
             units = []
             while bits:
                 low = bits & -bits
@@ -545,9 +583,7 @@ class _Checker:
         name = RESOURCE_NAMES[res]
         count = self.geom.resource_count(res)
         set_bits = int.from_bytes(bits, "little") & ((1 << count) - 1)
-        ref_bits = 0
-        for unit in refs:
-            ref_bits |= 1 << unit
+        ref_bits = _bits_of(refs, count)
         leaked, missing = set_bits & ~ref_bits, ref_bits & ~set_bits
         for kind_bits, code, text in ((leaked, "leaked-block", "is marked used but "
                                        "nothing references it"),
@@ -593,9 +629,7 @@ class _Checker:
         g = self.geom
         for res in (RES_BLOCK, RES_SUB, RES_PTR):
             start = g.bitmap_start(res)
-            value = 0
-            for unit in refs[res]:
-                value |= 1 << unit
+            value = _bits_of(refs[res], g.resource_count(res))
             raw = value.to_bytes(g.bitmap_blocks(res) * mb.PAYLOAD, "little")
             for b in range(g.bitmap_blocks(res)):
                 new = mb.new_block(mb.KIND_BITMAP, start + b)

@@ -1,51 +1,128 @@
 """`hvkit disk create|info|check|import|export`.
 
 The main ``hvkit`` command calls ``add_disk_commands(subparsers)``; each
-handler returns an exit code, prints errors to stderr and progress on long
-work.
+handler returns an exit code, prints progress on long work to stderr, and
+any bad input ends in one line, ``hvkit: error: <what>``, with exit code 2.
+Nothing is left half-made: ``create`` formats a temporary file next to the
+target and renames it, ``import`` rolls its disk back on failure, ``export``
+writes a temporary file and renames it.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import re
 import sys
+import tempfile
 import time
+from typing import Callable, NoReturn
 
-from hvkit.errors import HvkitError
+from hvkit.errors import ConfigError, HvkitError
+from hvkit.sizes import parse_size
+from hvkit.storage import blockmap as bm
 from hvkit.storage.check import EXIT_UNCORRECTED, check_volume
-from hvkit.storage.superblock import Geometry
+from hvkit.storage.imageio import export_raw, import_raw
+from hvkit.storage.superblock import MAX_FILES_LIMIT, MIN_JOURNAL_BLOCKS, Geometry
 from hvkit.storage.volume import Volume
 
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-COPY_CHUNK = 4 << 20
+EXIT_USAGE = 2
+SECTOR = 512
 
 
-def parse_size(text: str) -> int:
-    """'512', '64K', '1M', '10G', '1T' (binary units) -> bytes."""
-    m = re.fullmatch(r"\s*(\d+)\s*([bkmgt]?)(?:i?b)?\s*", str(text), re.I)
-    if not m:
-        raise argparse.ArgumentTypeError(f"bad size {text!r}: use a number with an "
-                                         f"optional K, M, G or T suffix")
-    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+def size_arg(what: str, **kw: object) -> Callable[[str], int]:
+    """An argparse ``type`` for a size option: ``hvkit.sizes.parse_size``
+    with its ``ConfigError`` turned into argparse's error."""
+    def convert(text: str) -> int:
+        try:
+            return parse_size(text, what, **kw)  # type: ignore[arg-type]
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = "size"
+    return convert
 
 
-def _progress(done: int, total: int, start: float, what: str) -> None:
-    rate = done / max(time.monotonic() - start, 1e-9) / (1 << 20)
-    print(f"\r{what}: {done * 100 // max(total, 1)}% ({done >> 20} of {total >> 20} MiB, "
-          f"{rate:.0f} MiB/s)", end="", file=sys.stderr, flush=True)
+_progress_line = [False]  # a progress line is open on stderr
+
+
+def _end_progress() -> None:
+    if _progress_line[0]:
+        print(file=sys.stderr)
+        _progress_line[0] = False
+
+
+def _progress(what: str) -> Callable[[int, int], None]:
+    start = time.monotonic()
+    last = [0.0]
+
+    def show(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] < 0.2 and done < total:
+            return
+        last[0] = now
+        rate = done / max(now - start, 1e-9) / (1 << 20)
+        _progress_line[0] = True
+        print(f"\r{what}: {done * 100 // max(total, 1)}% ({done >> 20} of {total >> 20} "
+              f"MiB, {rate:.0f} MiB/s)", end="", file=sys.stderr, flush=True)
+    return show
+
+
+def _pow2_between(value: int, option: str, lo: int, hi: int) -> None:
+    if value & (value - 1) or not lo <= value <= hi:
+        raise ConfigError(f"{option} {value} must be a power of two from {lo >> 10} KiB "
+                          f"to {hi >> 20} MiB")
+
+
+def create_geometry(args: argparse.Namespace) -> Geometry:
+    """The geometry ``create`` asks for, each option checked by name."""
+    if not args.size and not args.capacity:
+        raise ConfigError("give --size (the first disk) or --capacity (an empty volume)")
+    _pow2_between(args.block_size, "--block-size", 8 << 10, 1 << 30)
+    _pow2_between(args.sub_block_size, "--sub-block-size", 4 << 10, 1 << 30)
+    if args.sub_block_size >= args.block_size:
+        raise ConfigError(f"--sub-block-size {args.sub_block_size} must be smaller than "
+                          f"--block-size {args.block_size}")
+    if not 1 <= args.max_files <= MAX_FILES_LIMIT:
+        raise ConfigError(f"--max-files {args.max_files} must be 1..{MAX_FILES_LIMIT}")
+    if not MIN_JOURNAL_BLOCKS * 4096 <= args.journal_size <= 4 << 30:
+        raise ConfigError(f"--journal-size {args.journal_size} must be "
+                          f"{MIN_JOURNAL_BLOCKS * 4} KiB..4 GiB")
+    if args.journal_size % 4096:
+        raise ConfigError(f"--journal-size {args.journal_size} is not a multiple of 4 KiB")
+    limit = bm.MAX_FILE_BLOCKS * args.block_size
+    if args.size > limit:
+        raise ConfigError(f"--size {args.size} is larger than the largest disk with "
+                          f"--block-size {args.block_size} ({limit} bytes)")
+    if args.size and args.capacity and args.capacity < args.size:
+        raise ConfigError(f"--capacity {args.capacity} is smaller than --size {args.size}")
+    if args.size and (not args.name or "/" in args.name
+                      or len(args.name.encode()) > bm.NAME_MAX):
+        raise ConfigError(f"--name {args.name!r} must be 1..{bm.NAME_MAX} bytes without '/'")
+    return Geometry.for_capacity(args.capacity or args.size, block_size=args.block_size,
+                                 sub_block_size=args.sub_block_size,
+                                 max_files=args.max_files, journal_size=args.journal_size)
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    capacity = args.capacity or args.size
-    geom = Geometry.for_capacity(capacity, block_size=args.block_size,
-                                 sub_block_size=args.sub_block_size,
-                                 max_files=args.max_files, journal_size=args.journal_size)
-    with Volume.create(args.volume, geom) as vol:
-        if args.size:
-            vol.create_file(args.name, args.size)
-    print(f"created {args.volume}: capacity {geom.capacity} bytes in {geom.n_blocks} "
+    geom = create_geometry(args)
+    target = args.volume
+    if os.path.lexists(target):
+        raise HvkitError(f"{target!r} exists: hvkit never formats over a file")
+    folder = os.path.dirname(os.path.abspath(target))
+    if not os.path.isdir(folder):
+        raise HvkitError(f"cannot create {target!r}: {folder!r} is not a directory")
+    tmp = tempfile.mktemp(dir=folder, prefix=f".{os.path.basename(target)}.", suffix=".part")
+    try:
+        with Volume.create(tmp, geom) as vol:
+            if args.size:
+                vol.create_file(args.name, args.size)
+        try:
+            os.link(tmp, target)  # never replaces a file that appeared meanwhile
+        except FileExistsError:
+            raise HvkitError(f"{target!r} exists: hvkit never formats over a file") from None
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+    print(f"created {target}: capacity {geom.capacity} bytes in {geom.n_blocks} "
           f"blocks of {geom.block_size}" + (f", disk {args.name!r} of {args.size} bytes"
                                             if args.size else ""))
     return 0
@@ -62,6 +139,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             "replayed_transactions": vol.replay_report.replayed,
             "usage": vol.usage(),
             "disks": [{"name": f.name, "size": f.size, "index": f.index}
+                      | ({"incomplete": True} if f.incomplete else {})
                       for f in vol.files()],
         }
     if args.json:
@@ -75,11 +153,29 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"{u['pointer_blocks_used']}/{u['pointer_blocks_total']} pointer blocks; "
           f"{u['host_bytes_allocated']} bytes on the host")
     for d in info["disks"]:
-        print(f"  disk {d['name']!r}: {d['size']} bytes")
+        print(f"  disk {d['name']!r}: {d['size']} bytes"
+              + (" (incomplete: an import did not finish)" if d.get("incomplete") else ""))
     return 0
 
 
+def _looks_like_a_volume(path: str) -> None:
+    """Refuse a file that is no volume at all (neither superblock bears the
+    magic), so ``check`` does not report a text file as a damaged volume."""
+    from hvkit.storage import metablock as mb
+    try:
+        with open(path, "rb") as fh:
+            heads = [fh.read(mb.META)[:4], fh.read(mb.META)[:4]]
+    except IsADirectoryError:
+        raise HvkitError(f"{path!r} is a directory, not a volume") from None
+    except OSError as e:
+        raise HvkitError(f"cannot open volume file {path!r}: {e.strerror}") from None
+    magic = mb.MAGIC.to_bytes(4, "little")
+    if magic not in heads:
+        raise HvkitError(f"{path!r} is not a block-file volume")
+
+
 def cmd_check(args: argparse.Namespace) -> int:
+    _looks_like_a_volume(args.volume)
     rep = check_volume(args.volume, repair=args.repair,
                        progress=lambda s: print(s, file=sys.stderr, flush=True))
     if rep.replayed:
@@ -107,26 +203,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     """Copy a raw image into a new disk; zero runs stay holes."""
-    size = os.path.getsize(args.raw)
-    if size == 0:
-        raise HvkitError(f"raw image {args.raw!r} is empty")
     name = args.name or os.path.splitext(os.path.basename(args.raw))[0]
-    with Volume.open(args.volume) as vol, open(args.raw, "rb") as src:
-        fidx = vol.create_file(name, size)
-        start = time.monotonic()
-        bs = vol.geom.block_size
-        done = 0
-        while done < size:
-            chunk = src.read(min(COPY_CHUNK, size - done))
-            if not chunk:
-                raise HvkitError(f"raw image {args.raw!r} shrank while being read")
-            sg = [(chunk[i:i + bs], done + i) for i in range(0, len(chunk), bs)
-                  if chunk[i:i + bs].count(0) != len(chunk[i:i + bs])]
-            if sg:
-                vol.write_sg(fidx, sg)
-            done += len(chunk)
-            _progress(done, size, start, "import")
-        print(file=sys.stderr)
+    with Volume.open(args.volume) as vol:
+        size = import_raw(vol, args.raw, name, _progress("import"))
+        _end_progress()
     print(f"imported {args.raw} as disk {name!r} ({size} bytes)")
     return 0
 
@@ -134,41 +214,30 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """Copy a disk out to a raw image; holes become holes in the output."""
     with Volume.open(args.volume) as vol:
-        fidx = vol.lookup(args.name)
-        size = vol.file_info(fidx).size
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if args.force else os.O_EXCL)
-        try:
-            fd = os.open(args.raw, flags, 0o644)
-        except FileExistsError:
-            raise HvkitError(f"{args.raw!r} exists (use --force to overwrite)") from None
-        try:
-            os.ftruncate(fd, size)
-            buf = bytearray(COPY_CHUNK)
-            start = time.monotonic()
-            done = 0
-            while done < size:
-                n = min(COPY_CHUNK, size - done)
-                mv = memoryview(buf)[:n]
-                vol.read(fidx, done, mv)
-                if mv.tobytes().count(0) != n:
-                    os.pwrite(fd, mv, done)
-                done += n
-                _progress(done, size, start, "export")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        print(file=sys.stderr)
+        size = export_raw(vol, args.name, args.raw, force=args.force,
+                          progress=_progress("export"))
+        _end_progress()
     print(f"exported disk {args.name!r} to {args.raw} ({size} bytes)")
     return 0
 
 
-def _run(handler):
+def _message(e: BaseException) -> str:
+    if isinstance(e, OSError) and not isinstance(e, HvkitError) and e.strerror:
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror}"
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _run(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     def wrapped(args: argparse.Namespace) -> int:
         try:
             return handler(args)
         except (HvkitError, OSError) as e:
-            print(f"hvkit disk: error: {e}", file=sys.stderr)
-            return 2
+            if _progress_line[0]:
+                print(file=sys.stderr)
+            print(f"hvkit: error: {_message(e)}", file=sys.stderr)
+            return EXIT_USAGE
+    wrapped.__doc__ = handler.__doc__
     return wrapped
 
 
@@ -180,14 +249,21 @@ def add_disk_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
     p = sub.add_parser("create", help="format a volume, optionally with one disk")
     p.add_argument("volume")
-    p.add_argument("--size", type=parse_size, default=0, help="size of the first disk")
+    p.add_argument("--size", type=size_arg("--size", multiple=SECTOR), default=0,
+                   help="size of the first disk (a multiple of 512 bytes; bare numbers "
+                        "are bytes)")
     p.add_argument("--name", default="disk0", help="name of the first disk")
-    p.add_argument("--capacity", type=parse_size, default=0,
+    p.add_argument("--capacity", type=size_arg("--capacity", multiple=SECTOR), default=0,
                    help="data capacity of the volume (default: --size)")
-    p.add_argument("--block-size", type=parse_size, default=1 << 20)
-    p.add_argument("--sub-block-size", type=parse_size, default=64 << 10)
-    p.add_argument("--max-files", type=int, default=64)
-    p.add_argument("--journal-size", type=parse_size, default=4 << 20)
+    p.add_argument("--block-size", type=size_arg("--block-size"), default=1 << 20,
+                   help="allocation unit, a power of two from 8K to 1G (default 1M)")
+    p.add_argument("--sub-block-size", type=size_arg("--sub-block-size"), default=64 << 10,
+                   help="unit for small files and tails, a power of two from 4K, "
+                        "smaller than the block size (default 64K)")
+    p.add_argument("--max-files", type=int, default=64,
+                   help=f"disks the volume can hold, 1..{MAX_FILES_LIMIT} (default 64)")
+    p.add_argument("--journal-size", type=size_arg("--journal-size"), default=4 << 20,
+                   help="journal ring, 64K..4G in 4K steps (default 4M)")
     p.set_defaults(func=_run(cmd_create))
 
     p = sub.add_parser("info", help="geometry, usage and disks of a volume")
@@ -216,9 +292,16 @@ def add_disk_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     return disk
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse errors in hvkit's one form: ``hvkit: error: ...``, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"hvkit: error: {message}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry (``python -m hvkit.storage.cli disk ...``)."""
-    parser = argparse.ArgumentParser(prog="hvkit")
+    parser = _Parser(prog="hvkit")
     add_disk_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.func(args)

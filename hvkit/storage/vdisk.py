@@ -22,7 +22,11 @@ class VirtualDisk:
         self.volume = volume
         self.name = name
         self.index = volume.lookup(name)
-        self.size = volume.file_info(self.index).size
+        info = volume.file_info(self.index)
+        if info.incomplete:
+            raise StorageError(f"disk {name!r} is incomplete: an import into it did not "
+                               f"finish (hvkit disk check --repair removes it)")
+        self.size = info.size
         self.block_size = block_size
         self.read_only = read_only or volume.f.read_only
         self._owns = owns_volume

@@ -49,6 +49,8 @@ class FileInfo:
     name: str
     size: int
     created_ns: int
+    #: an import into it did not finish; ``check --repair`` rolls it back
+    incomplete: bool = False
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,7 @@ class Volume:
         d = bm.read_desc(self._desc(index), index)
         if not d.in_use:
             raise StorageError(f"no file with descriptor {index}")
-        return FileInfo(index, d.name, d.size, d.created_ns)
+        return FileInfo(index, d.name, d.size, d.created_ns, d.incomplete)
 
     def lookup(self, name: str) -> int:
         try:
@@ -184,8 +186,10 @@ class Volume:
             raise StorageError(f"no virtual disk named {name!r} in {self.f.path!r} "
                                f"(disks: {known})") from None
 
-    def create_file(self, name: str, size: int) -> int:
-        """Add a thin virtual disk of ``size`` bytes; return its index."""
+    def create_file(self, name: str, size: int, *, incomplete: bool = False) -> int:
+        """Add a thin virtual disk of ``size`` bytes; return its index. An
+        ``incomplete`` disk (being imported) stays marked until
+        ``mark_complete``, so a stopped import is never taken for a disk."""
         if not name or "/" in name or len(name.encode()) > bm.NAME_MAX:
             raise ConfigError(f"bad disk name {name!r}: 1..{bm.NAME_MAX} bytes, no '/'")
         limit = bm.MAX_FILE_BLOCKS * self.geom.block_size
@@ -204,12 +208,25 @@ class Volume:
                                  f"descriptors are in use")
             buf[mb.HDR:] = bytes(mb.PAYLOAD)
             bm.write_desc(buf, in_use=True, name=name, size=size,
-                          created_ns=time.time_ns())
+                          created_ns=time.time_ns(), incomplete=incomplete)
             self.cache.touch(self.geom.desc_start + i)
             self.stats.logical_transactions += 1
             self.commit_dirty(data_written=False)
             self._files[name] = i
             return i
+
+    def mark_complete(self, index: int) -> None:
+        """Clear the incomplete mark (one transaction, after the data)."""
+        with self.lock:
+            self._check_usable()
+            info = self.file_info(index)
+            self.f.flush()
+            buf = self._desc(index)
+            bm.write_desc(buf, in_use=True, name=info.name, size=info.size,
+                          created_ns=info.created_ns, incomplete=False)
+            self.cache.touch(self.geom.desc_start + index)
+            self.stats.logical_transactions += 1
+            self.commit_dirty(data_written=True)
 
     def delete_file(self, index: int) -> None:
         """Remove a disk and free everything it holds (one transaction)."""
