@@ -71,6 +71,8 @@ class VirtioDevice:
         self.active = False
         #: why the device last asked for a reset (status NEEDS_RESET)
         self.reset_reason = ""
+        #: unexpected exceptions while serving a queue (each one also resets the device)
+        self.internal_errors = 0
         self._notify_fds = [new_eventfd() for _ in self.queues]
         self.worker = Worker(f"virtio-{self.name}", self.lock)
         for i, fd in enumerate(self._notify_fds):
@@ -256,6 +258,7 @@ class VirtioDevice:
             except QueueBroken as exc:
                 self.needs_reset(str(exc))
             except Exception as exc:
+                self.internal_errors += 1
                 log.exception("%s: queue %d failed", self.name, index)
                 self.needs_reset(f"queue {index}: {type(exc).__name__}: {exc}")
 

@@ -45,6 +45,8 @@ class Worker:
         self._sel.register(self._stop_fd, selectors.EVENT_READ, None)
         self._thread: threading.Thread | None = None
         self._stopping = False
+        #: callbacks that raised (logged; the loop goes on)
+        self.callback_errors = 0
         #: the exception that ended the loop, if one did
         self.error: BaseException | None = None
 
@@ -88,6 +90,7 @@ class Worker:
                         try:
                             key.data(mask)
                         except Exception:
+                            self.callback_errors += 1
                             log.exception("%s: callback for fd %d failed", self.name, key.fd)
         except BaseException as exc:     # keep the reason for whoever asks
             self.error = exc
