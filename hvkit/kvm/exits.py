@@ -68,10 +68,34 @@ class FailEntryExit(Exit):
 class InternalErrorExit(Exit):
     suberror: int = 0
     data: list[int] = field(default_factory=list)
+    #: the instruction KVM failed to emulate, when KVM reports it
+    #: (suberror EMULATION with KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES)
+    insn_bytes: bytes = b""
 
     @property
     def suberror_name(self) -> str:
         return INTERNAL_SUBERRORS.get(self.suberror, f"suberror {self.suberror}")
+
+    @property
+    def instruction(self) -> str:
+        """The failing instruction's bytes in hex ("0f 01 ca"), or ""."""
+        return self.insn_bytes.hex(" ")
+
+
+EMULATION_FLAG_INSTRUCTION_BYTES = 1
+
+
+def emulation_failure_bytes(suberror: int, ndata: int, raw: bytes) -> bytes:
+    """The instruction bytes of a kvm_run.emulation_failure (u32 suberror,
+    u32 ndata, u64 flags, u8 insn_size, u8 insn_bytes[15]); b"" if absent.
+    ``insn_size`` comes from the kernel but is still bounded by 15."""
+    if suberror != 1 or ndata < 3 or len(raw) < 32:
+        return b""
+    flags = struct.unpack_from("<Q", raw, 8)[0]
+    if not flags & EMULATION_FLAG_INSTRUCTION_BYTES:
+        return b""
+    size = min(raw[16], 15)
+    return bytes(raw[17:17 + size])
 
 
 @dataclass
@@ -160,7 +184,7 @@ def decode(runner: "VcpuRunner", reason: int) -> Exit:
         sub, n = struct.unpack("<II", runner.raw(UNION, 8))
         n = min(n, 16)
         data = list(struct.unpack(f"<{n}Q", runner.raw(UNION + 8, 8 * n)))
-        return InternalErrorExit(r, sub, data)
+        return InternalErrorExit(r, sub, data, emulation_failure_bytes(sub, n, runner.raw(UNION, 32)))
     if reason == ExitReason.HYPERCALL:
         vals = struct.unpack("<8QI", runner.raw(UNION, 68))
         return HypercallExit(r, vals[0], tuple(vals[1:7]), vals[7], vals[8])

@@ -12,6 +12,16 @@ from hvkit.kvm.structs import (CpuidEntry, check_sizes, pack_cpuid2, pack_msrs,
                                unpack_cpuid2, unpack_msrs)
 
 IOC = _native.IOCTLS
+
+
+def _ioc(direction: int, nr: int, size: int) -> int:
+    """An ioctl number the way <asm-generic/ioctl.h> makes it (type KVMIO)."""
+    return direction << 30 | size << 16 | 0xAE << 8 | nr
+
+
+# Machine-check set-up, not in every <linux/kvm.h> the native layer is built against.
+X86_GET_MCE_CAP_SUPPORTED = _ioc(2, 0x9D, 8)   # _IOR(KVMIO, 0x9d, __u64)
+X86_SETUP_MCE = _ioc(1, 0x9C, 8)               # _IOW(KVMIO, 0x9c, __u64)
 check_sizes(_native.SIZES)
 
 KVM_API_VERSION = 12
@@ -107,6 +117,14 @@ class Kvm:
         buf = pack_msrs((i, 0) for i in idx)
         n = _native.ioctl_buf(self.fd, IOC["GET_MSRS"], buf, "KVM_GET_MSRS(system)")
         return unpack_msrs(buf, n)
+
+    def mce_cap_supported(self) -> int:
+        """KVM_X86_GET_MCE_CAP_SUPPORTED: the MCG_CAP bits KVM can give a
+        vCPU (bank count in bits 0-7)."""
+        buf = bytearray(8)
+        _native.ioctl_buf(self.fd, X86_GET_MCE_CAP_SUPPORTED, buf,
+                          "KVM_X86_GET_MCE_CAP_SUPPORTED")
+        return int.from_bytes(buf, "little")
 
     def create_vm(self, vm_type: int = 0) -> "Vm":
         from hvkit.kvm.vm import Vm

@@ -166,6 +166,24 @@ class Vcpu:
         self.runner.write_raw(32, struct.pack("<B", 1 if error else 0))
         self.runner.write_raw(32 + 16, struct.pack("<Q", data))
 
+    def setup_mce(self, banks: int, flags: int = 0) -> int:
+        """KVM_X86_SETUP_MCE: give the vCPU ``banks`` machine-check banks
+        (1-32, at most what KVM supports) and MCG_CAP ``flags`` (bits 8 and
+        up, those KVM supports). Returns the MCG_CAP set."""
+        from hvkit.errors import ConfigError
+        from hvkit.kvm.system import X86_SETUP_MCE
+        supported = self.vm.kvm.mce_cap_supported()
+        if not 1 <= banks <= min(32, supported & 0xFF):
+            raise ConfigError(f"{banks} MCE banks: this host's KVM gives 1 to "
+                              f"{min(32, supported & 0xFF)}")
+        if flags & 0xFF or flags & ~supported:
+            raise ConfigError(f"MCG_CAP flags {flags:#x} are not among those KVM supports "
+                              f"({supported & ~0xFF:#x})")
+        cap = flags | banks
+        _native.ioctl_buf(self.fd, X86_SETUP_MCE, bytearray(cap.to_bytes(8, "little")),
+                          f"KVM_X86_SETUP_MCE({banks} banks)")
+        return cap
+
     def kick(self) -> None:
         """Make a running vCPU return from ``run`` soon (from any thread)."""
         self.runner.kick()

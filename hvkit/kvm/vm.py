@@ -12,6 +12,7 @@ from hvkit.errors import ConfigError, KvmError
 from hvkit.kvm.caps import Cap
 
 if TYPE_CHECKING:
+    from hvkit.kvm.irqchip import IoapicState, PicState, PitState
     from hvkit.kvm.system import Kvm
     from hvkit.kvm.vcpu import Vcpu
     from hvkit.memory.guest import MemoryRegion
@@ -234,6 +235,31 @@ class Vm:
 
     def set_irqchip(self, state: bytes) -> None:
         _native.ioctl_buf(self.fd, IOC["SET_IRQCHIP"], bytearray(state), "KVM_SET_IRQCHIP")
+
+    def get_pic(self, slave: bool = False) -> "PicState":
+        """The in-kernel PIC's state (master, or slave with ``slave=True``)."""
+        from hvkit.kvm.irqchip import unpack_irqchip
+        return unpack_irqchip(self.get_irqchip(1 if slave else 0))
+
+    def set_pic(self, state: "PicState", slave: bool = False) -> None:
+        from hvkit.kvm.irqchip import pack_irqchip
+        self.set_irqchip(bytes(pack_irqchip(1 if slave else 0, state)))
+
+    def get_ioapic(self) -> "IoapicState":
+        from hvkit.kvm.irqchip import CHIP_IOAPIC, unpack_irqchip
+        return unpack_irqchip(self.get_irqchip(CHIP_IOAPIC))
+
+    def set_ioapic(self, state: "IoapicState") -> None:
+        from hvkit.kvm.irqchip import CHIP_IOAPIC, pack_irqchip
+        self.set_irqchip(bytes(pack_irqchip(CHIP_IOAPIC, state)))
+
+    def get_pit(self) -> "PitState":
+        """The in-kernel PIT's three channels and flags."""
+        from hvkit.kvm.irqchip import PitState
+        return PitState.unpack(self.get_pit2())
+
+    def set_pit(self, state: "PitState") -> None:
+        self.set_pit2(state.pack())
 
     def get_pit2(self) -> bytes:
         buf = bytearray(_native.SIZES["pit_state2"])

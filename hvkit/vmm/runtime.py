@@ -394,11 +394,11 @@ class Vmm:
                               {"hardware_entry_failure_reason": ex.hardware_entry_failure_reason})
         if reason == ExitReason.INTERNAL_ERROR:
             detail = "data " + " ".join(f"{d:#x}" for d in ex.data)
-            insn = getattr(ex, "instruction", None)
-            if insn:
-                detail += f"; instruction {insn}"
+            if ex.insn_bytes:
+                detail += f"; instruction bytes {ex.instruction}"
             raise self._crash(vcpu, f"KVM internal error ({ex.suberror_name})", detail,
-                              {"suberror": ex.suberror, "data": ex.data})
+                              {"suberror": ex.suberror, "data": ex.data,
+                               "instruction": ex.insn_bytes})
         if reason == ExitReason.SYSTEM_EVENT:
             self._finish(f"system event {ex.type_name.lower()}", 0)
             return
