@@ -11,6 +11,10 @@
  *              0x1200 reports (ios, qd, cycles, write cycles, address and
  *              count of per-I/O latencies in cycles). Every read is
  *              checked: the data written to an LBA is a function of the LBA.
+ *              Hypercall 0x1202 reports, for the timed phase, how often the
+ *              I/O queue's MMIO doorbells were rung (SQ, CQ), the number of
+ *              submission batches and of reap rounds, and the TSC cycles
+ *              spent waiting for completions and ringing doorbells.
  *   lbas=N     size of the range used, in 4 KiB pages (default 4096)
  * Exit code 0 on success; otherwise the failing step (see fail()).
  */
@@ -21,6 +25,7 @@
 #define IOQ_ENTRIES 64
 #define HC_NVME_RESULT 0x1200
 #define HC_NVME_START 0x1201
+#define HC_NVME_STATS 0x1202
 #define MAX_LAT 65536
 
 struct sqe {
@@ -51,6 +56,11 @@ static u8 big[4 * PAGE] __attribute__((aligned(PAGE)));
 static u64 prp_list[PAGE / 8] __attribute__((aligned(PAGE)));
 static u64 lat[MAX_LAT];            /* per-I/O latency in TSC cycles (bench) */
 static u64 submitted_at[IOQ_ENTRIES];
+
+/* the timed phase's own account of where the guest's time goes */
+static struct {
+    u64 sq_rings, cq_rings, submits, reaps, wait_cycles, ring_cycles;
+} acct;
 
 static volatile u8 *regs;
 static u32 dstrd;
@@ -101,10 +111,19 @@ static void ring_sq(struct queue *q)
     if (use_shadow && q->qid) {
         __atomic_store_n(&shadow_db[2 * q->qid * (1u << dstrd)], q->tail, __ATOMIC_SEQ_CST);
         u16 ev = (u16)__atomic_load_n(&event_idx[2 * q->qid * (1u << dstrd)], __ATOMIC_SEQ_CST);
-        if (need_event(ev, q->tail, q->sq_old_tail))
+        if (need_event(ev, q->tail, q->sq_old_tail)) {
+            u64 t = rdtsc();
             w32(sq_db(q->qid), q->tail);
+            acct.ring_cycles += rdtsc() - t;
+            acct.sq_rings++;
+        }
     } else {
+        u64 t = rdtsc();
         w32(sq_db(q->qid), q->tail);
+        if (q->qid) {
+            acct.ring_cycles += rdtsc() - t;
+            acct.sq_rings++;
+        }
     }
     q->sq_old_tail = q->tail;
 }
@@ -114,10 +133,19 @@ static void ring_cq(struct queue *q)
     if (use_shadow && q->qid) {
         __atomic_store_n(&shadow_db[(2 * q->qid + 1) * (1u << dstrd)], q->head, __ATOMIC_SEQ_CST);
         u16 ev = (u16)__atomic_load_n(&event_idx[(2 * q->qid + 1) * (1u << dstrd)], __ATOMIC_SEQ_CST);
-        if (need_event(ev, q->head, q->cq_old_head))
+        if (need_event(ev, q->head, q->cq_old_head)) {
+            u64 t = rdtsc();
             w32(cq_db(q->qid), q->head);
+            acct.ring_cycles += rdtsc() - t;
+            acct.cq_rings++;
+        }
     } else {
+        u64 t = rdtsc();
         w32(cq_db(q->qid), q->head);
+        if (q->qid) {
+            acct.ring_cycles += rdtsc() - t;
+            acct.cq_rings++;
+        }
     }
     q->cq_old_head = q->head;
 }
@@ -148,12 +176,16 @@ static u16 submit(struct queue *q, struct sqe *e, int ring)
 /* Poll for one completion; returns its status (0 = success). */
 static u16 reap(struct queue *q, u16 *cid)
 {
-    u64 spins = 0;
+    u64 spins = 0, t = 0;
     while ((__atomic_load_n(&q->cq[q->head].status, __ATOMIC_ACQUIRE) & 1) != q->phase) {
+        if (!spins)
+            t = rdtsc();
         cpu_relax();
         if (++spins == 4000000000ul)
             fail(90, "completion timeout", q->qid);
     }
+    if (spins && q->qid)
+        acct.wait_cycles += rdtsc() - t;
     volatile struct cqe *c = &q->cq[q->head];
     u16 status = c->status >> 1;
     if (cid)
@@ -390,6 +422,7 @@ int main(int cpu, int ncpus, const char *args)
     int nlat = 0;
     if (bench)
         rt_hypercall(HC_NVME_START, 0, 0, 0, 0, 0, 0);
+    memset(&acct, 0, sizeof(acct));
     u64 t0 = rdtsc(), t_w = 0;
     int done = 0, issued = 0, inflight = 0;
     int writes = ios / 2 ? ios / 2 : 1;
@@ -414,8 +447,11 @@ int main(int cpu, int ncpus, const char *args)
                 inflight++;
                 batch++;
             }
-            if (batch)
+            if (batch) {
                 ring_sq(&ioq);
+                acct.submits++;
+            }
+            acct.reaps++;
             u16 cid;
             do {
                 if ((st = reap(&ioq, &cid)))
@@ -442,6 +478,9 @@ int main(int cpu, int ncpus, const char *args)
     }
     u64 t_total = rdtsc() - t0;
     rt_printf("nvme: %d I/Os at qd %d in %lu cycles (writes %lu)\n", ios, qd, t_total, t_w);
+    if (bench)
+        rt_hypercall(HC_NVME_STATS, acct.sq_rings, acct.cq_rings, acct.submits, acct.reaps,
+                     acct.wait_cycles, acct.ring_cycles);
     if (bench)
         rt_hypercall(HC_NVME_RESULT, (u64)ios, (u64)qd, t_total, t_w, (u64)lat, (u64)nlat);
     rt_puts("nvme: ok\n");

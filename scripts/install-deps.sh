@@ -9,7 +9,7 @@ packages=(build-essential make gcc linux-libc-dev python3 python3-dev python3-ve
 if [[ "${1:-}" == "--test" ]]; then
     # the hvkit guest kernel's source and build tools, Debian's stock kernel
     # (booted by the tests), qemu-img/qemu-io for the storage tests
-    packages+=(linux-source-6.1 bc flex bison libelf-dev libssl-dev xz-utils lz4 cpio
+    packages+=(linux-source-6.1 bc flex bison libelf-dev libssl-dev xz-utils lz4 cpio fio
                linux-image-cloud-amd64 qemu-utils)
 fi
 

@@ -32,7 +32,13 @@ cdef extern from "engine.h":
         int blocked
     struct nvme_stats:
         uint64_t bytes_read, bytes_written, read_commands, write_commands, media_errors
+    struct nvme_run_stats:
+        uint64_t passes, work_passes, commands, max_pass, poll_hits, poll_expired, preempted
+        uint64_t rearm_saves, kicks, timeouts, grows, shrinks
+        uint64_t work_ns, io_ns, poll_ns, sleep_ns
+        int64_t window_ns, window_min_ns, window_max_ns
     struct nvme_engine:
+        nvme_run_stats rs
         nvme_sq *sqs
         nvme_cq *cqs
         uint16_t *sq_order
@@ -309,6 +315,21 @@ cdef class NativeEngine:
         return {"bytes_read": s.bytes_read, "bytes_written": s.bytes_written,
                 "read_commands": s.read_commands, "write_commands": s.write_commands,
                 "media_errors": s.media_errors}
+
+    @property
+    def run_stats(self):
+        """What the run loop did and how its poll window moved (times in
+        ns): passes, commands per pass, polls that found work, windows that
+        ran out, preemptions, kicks, the window's current/min/max."""
+        r = self.e.rs
+        return {"passes": r.passes, "work_passes": r.work_passes, "commands": r.commands,
+                "max_pass": r.max_pass, "poll_hits": r.poll_hits,
+                "poll_expired": r.poll_expired, "preempted": r.preempted,
+                "rearm_saves": r.rearm_saves, "kicks": r.kicks, "timeouts": r.timeouts,
+                "window_grows": r.grows, "window_shrinks": r.shrinks,
+                "work_ns": r.work_ns, "io_ns": r.io_ns, "poll_ns": r.poll_ns,
+                "sleep_ns": r.sleep_ns, "window_ns": r.window_ns,
+                "window_min_ns": r.window_min_ns, "window_max_ns": r.window_max_ns}
 
     @property
     def shadow_errors(self):

@@ -210,6 +210,13 @@ static int uring_run(struct uring *u, unsigned n, int32_t *results)
     return 0;
 }
 
+static inline int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
 /* -- words shared with other CPUs ---------------------------------------- */
 
 static inline uint32_t ld32(const uint8_t *p)
@@ -1230,8 +1237,10 @@ static int batch_flush(struct nvme_engine *e)
                 queued++;
             }
         }
+        int64_t t_io = now_ns();
         if (queued && uring_run(u, queued, e->results) < 0)
             uring_free(e);           /* from now on synchronous; redo what is missing */
+        e->rs.io_ns += (uint64_t)(now_ns() - t_io);
         e->batches++;
         e->batched_ios += (uint64_t)ios;
         for (int i = 0; i < n; i++) {
@@ -1253,11 +1262,13 @@ static int batch_flush(struct nvme_engine *e)
             p->status = finish_rw(e, p, err);
         }
     } else {
+        int64_t t_io = now_ns();
         for (int i = 0; i < n; i++) {
             struct nvme_pending *p = &e->batch[i];
             if (p->status == NVME_PENDING_IO)
                 p->status = finish_rw(e, p, rw_sync(e, p));
         }
+        e->rs.io_ns += (uint64_t)(now_ns() - t_io);
     }
     for (int i = 0; i < n; i++) {
         struct nvme_pending *p = &e->batch[i];
@@ -1350,13 +1361,6 @@ int nvme_process(struct nvme_engine *e, int budget)
     return done;
 }
 
-static inline int64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
 static void drain(int fd)
 {
     uint64_t v;
@@ -1364,8 +1368,9 @@ static void drain(int fd)
     (void)r;
 }
 
-/* poll kick + control; returns 1 if the control fd wants Python, 0 else */
-static int wait_fds(struct nvme_engine *e, int timeout_ms, int *err)
+/* poll kick + control; returns 1 if the control fd wants Python, 0 else;
+ * *kicked: the kick fd fired */
+static int wait_fds(struct nvme_engine *e, int timeout_ms, int *err, int *kicked)
 {
     struct pollfd p[2] = {{e->kick_fd, POLLIN, 0}, {e->ctrl_fd, POLLIN, 0}};
     int n = poll(p, 2, timeout_ms);
@@ -1374,68 +1379,132 @@ static int wait_fds(struct nvme_engine *e, int timeout_ms, int *err)
             *err = -errno;
         return 0;
     }
-    if (p[0].revents & POLLIN)
+    if (p[0].revents & POLLIN) {
         drain(e->kick_fd);
+        if (kicked)
+            *kicked = 1;
+    }
     return (p[1].revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL)) != 0;
 }
 
 #define PREEMPTED_NS 50000     /* a pass longer than this: the CPU went elsewhere */
-#define POLL_MIN_NS 10000      /* the adaptive window restarts here */
+#define POLL_MIN_NS 10000      /* a window growing from 0 starts here */
+
+static void window_set(struct nvme_engine *e, int64_t w)
+{
+    struct nvme_run_stats *s = &e->rs;
+    if (w > e->window)
+        s->grows++;
+    else if (w < e->window)
+        s->shrinks++;
+    e->window = w;
+    s->window_ns = w;
+    if (w < s->window_min_ns)
+        s->window_min_ns = w;
+    if (w > s->window_max_ns)
+        s->window_max_ns = w;
+}
 
 int nvme_run(struct nvme_engine *e, int64_t poll_ns)
 {
+    struct nvme_run_stats *s = &e->rs;
+    if (poll_ns < 0)
+        poll_ns = 0;
+    /* The poll window adapts as KVM's halt polling does, judged by what
+     * the guest did: after a sleep that a doorbell ended, if the doorbell
+     * came within poll_ns of the last command, a window that long would
+     * have caught it without the guest's exit, so the window grows; a
+     * sleep longer than poll_ns (or a window that ran out for nothing)
+     * shrinks it, and so does losing the CPU while polling (on a host with
+     * fewer cores than busy threads the spinning takes the core the vCPU
+     * needs to ring us). */
+    if (!e->window_set || e->window > poll_ns) {
+        e->window = poll_ns;
+        e->window_set = 1;
+        s->window_ns = s->window_min_ns = s->window_max_ns = poll_ns;
+    }
     int64_t last_work = now_ns(), prev = last_work;
     int err = 0;
     unsigned spins = 0;
-    /* the poll window adapts, as KVM's halt polling does: halved whenever
-     * polling lost the CPU or found nothing, doubled (up to poll_ns) when
-     * it found work */
-    int64_t window = poll_ns;
+    int polled = 0;           /* a window is running since last_work */
     for (;;) {
         int done = nvme_process(e, -1);
         int64_t t = now_ns();
+        s->passes++;
         if (done) {
+            s->work_passes++;
+            s->commands += (uint64_t)done;
+            if ((uint64_t)done > s->max_pass)
+                s->max_pass = (uint64_t)done;
+            s->work_ns += (uint64_t)(t - prev);
+            if (polled) {
+                s->poll_hits++;
+                s->poll_ns += (uint64_t)(prev - last_work);
+            }
             nvme_publish_counters(e);
-            if (t - last_work > PREEMPTED_NS && window < poll_ns)   /* polling paid off */
-                window = window ? (window * 2 < poll_ns ? window * 2 : poll_ns)
-                                : (POLL_MIN_NS < poll_ns ? POLL_MIN_NS : poll_ns);
             last_work = prev = t;
+            polled = 1;
         }
         /* the control socket and the kick: every pass after work, every
          * 64th while spinning idle (a syscall costs more than a pass) */
         if (done || (++spins & 63) == 0) {
-            if (wait_fds(e, 0, &err))
+            if (wait_fds(e, 0, &err, NULL))
                 return 1;
             if (err)
                 return err;
         }
         if (done)
             continue;
-        /* busy: keep polling the doorbells, unless we just lost the CPU:
-         * a pass that took this long means another thread wanted our core
-         * (on a host with fewer cores than busy threads, often the vCPU
-         * about to ring us), and spinning on would keep it waiting for a
-         * scheduler tick; sleep on the kick instead */
+        /* a pass that took this long means another thread wanted our core
+         * (often the vCPU about to ring us), and spinning on would keep it
+         * waiting for a scheduler tick: sleep on the kick instead */
         int preempted = t - prev > PREEMPTED_NS;
         prev = t;
-        if (t - last_work < window && !preempted) {
+        if (t - last_work < e->window && !preempted) {
 #if defined(__x86_64__) || defined(__i386__)
             __builtin_ia32_pause();
 #endif
             continue;
         }
-        if (poll_ns && (preempted || window))
-            window /= 2;
+        s->poll_ns += (uint64_t)(t - last_work);
+        if (preempted) {
+            s->preempted++;
+            window_set(e, e->window / 2);
+        } else if (e->window) {
+            s->poll_expired++;
+        }
         /* going idle: ask for a kick on the next doorbell, then look once
          * more so that a doorbell rung in between is not missed */
         nvme_update_event_indexes(e);
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        if (nvme_has_work(e))
+        if (nvme_has_work(e)) {
+            s->rearm_saves++;
             continue;
-        if (wait_fds(e, 1000, &err))
+        }
+        int kicked = 0;
+        int64_t slept = now_ns();
+        int ctl = wait_fds(e, 1000, &err, &kicked);
+        int64_t woke = now_ns();
+        s->sleep_ns += (uint64_t)(woke - slept);
+        if (ctl)
             return 1;
         if (err)
             return err;
+        if (kicked) {
+            s->kicks++;
+            if (woke - last_work <= poll_ns && !preempted && poll_ns) {
+                int64_t w = e->window * 2;
+                if (w < POLL_MIN_NS)
+                    w = POLL_MIN_NS;
+                window_set(e, w < poll_ns ? w : poll_ns);
+            } else if (woke - last_work > poll_ns) {
+                window_set(e, e->window / 2);
+            }
+        } else {
+            s->timeouts++;
+            window_set(e, e->window / 2);
+        }
         last_work = prev = now_ns();
+        polled = 0;
     }
 }

@@ -82,6 +82,23 @@ struct nvme_stats {
     uint64_t bytes_read, bytes_written, read_commands, write_commands, media_errors;
 };
 
+/* what nvme_run did and decided, for benchmarks and tuning (times in ns) */
+struct nvme_run_stats {
+    uint64_t passes;          /* engine passes */
+    uint64_t work_passes;     /* ... that ran at least one command */
+    uint64_t commands;        /* commands run by nvme_run */
+    uint64_t max_pass;        /* most commands in one pass */
+    uint64_t poll_hits;       /* work found by polling, no kick needed */
+    uint64_t poll_expired;    /* windows that ran out: armed EventIdx, slept */
+    uint64_t preempted;       /* passes that lost the CPU while polling: slept */
+    uint64_t rearm_saves;     /* work seen right after arming EventIdx */
+    uint64_t kicks;           /* sleeps ended by a doorbell (the guest exited) */
+    uint64_t timeouts;        /* sleeps that ran their 1 s */
+    uint64_t grows, shrinks;  /* poll window decisions */
+    uint64_t work_ns, io_ns, poll_ns, sleep_ns;
+    int64_t window_ns, window_min_ns, window_max_ns;
+};
+
 struct nvme_engine {
     struct nvme_region regions[NVME_MAX_REGIONS];
     int nregions;
@@ -117,6 +134,9 @@ struct nvme_engine {
     uint8_t *bounce;                /* aligned, for O_DIRECT with unaligned buffers */
     size_t bounce_size;
     uint8_t *zeros;                 /* read-only zeros for Write Zeroes without fallocate */
+    struct nvme_run_stats rs;
+    int64_t window;                 /* the adaptive poll window, kept across nvme_run calls */
+    int window_set;
 };
 
 /* set-up / tear-down; 0 or -errno */
@@ -152,9 +172,10 @@ int nvme_process(struct nvme_engine *e, int budget);     /* budget < 0: default 
 /* one I/O command (64-byte SQE) -> status (no DNR), for tests */
 uint16_t nvme_execute(struct nvme_engine *e, const uint8_t *sqe);
 
-/* The loop: process, poll the doorbells for poll_ns after the last
- * command, then arm EventIdx and sleep on kick_fd. Returns 1 when the
- * control fd is readable (or hung up), -errno on a poll failure. */
+/* The loop: process, poll the doorbells for up to poll_ns after the last
+ * command (an adaptive window), then arm EventIdx and sleep on kick_fd.
+ * Returns 1 when the control fd is readable (or hung up), -errno on a poll
+ * failure. */
 int nvme_run(struct nvme_engine *e, int64_t poll_ns);
 
 #endif

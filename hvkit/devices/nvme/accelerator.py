@@ -366,7 +366,9 @@ class _Server:
                     "bytes_read": st["bytes_read"], "bytes_written": st["bytes_written"],
                     "sqs": sorted(n.sq_ids), "cqs": sorted(n.cq_ids), "dbbuf": n.dbbuf is not None,
                     "sq_heads": {q: n.sq_state(q)[3] for q in n.sq_ids},
-                    "cq_tails": {q: n.cq_state(q)[5] for q in n.cq_ids}}
+                    "cq_tails": {q: n.cq_state(q)[5] for q in n.cq_ids},
+                    "uring": n.uring, "batches": list(n.batches), "poll_us": self.poll_us,
+                    "run": n.run_stats}
         elif op == "stats":
             st = self.io.stats
             return {"ok": True, "engine": "python", "bytes_read": st.bytes_read, "bytes_written": st.bytes_written,
