@@ -315,3 +315,15 @@ def test_device_state_restore(mem):
     q.add([b"two"], [3])
     other.notify(0)
     assert q.wait(1)[0][2] == b"two"
+
+
+def test_notify_addresses(mem):
+    dev, t, _, _ = pci(mem)
+    assert t.notify_addresses() == []              # BAR not decoded yet
+    t.set_bar_address(0, 0xC000_0000)
+    t.enable_decoding()
+    assert t.notify_addresses() == [(0xC000_3000, 2, dev.notify_fd(0)),
+                                    (0xC000_3004, 2, dev.notify_fd(1))]
+    m = VirtioMmioTransport(Echo(mem))
+    assert m.notify_addresses(0xD000_0000) == [
+        (0xD000_0050, 4, 0, m.device.notify_fd(0)), (0xD000_0050, 4, 1, m.device.notify_fd(1))]

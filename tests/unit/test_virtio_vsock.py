@@ -297,3 +297,48 @@ def test_socket_path_checks(mem, tmp_path):
     stale.bind(str(tmp_path / "stale.sock"))
     stale.close()                                   # file left behind, nobody listening
     VirtioVsock(mem, CID, str(tmp_path / "stale.sock")).close()
+
+
+def test_guest_that_never_answers_is_timed_out(mem, uds):
+    dev = VirtioVsock(mem, CID, uds, timeout=0.2)
+    g = Guest(dev, mem)
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.connect(uds)
+    c.sendall(b"CONNECT 9\n")
+    p = g.expect(VS.OP_REQUEST)
+    p = g.expect(VS.OP_RST, timeout=5)             # no RESPONSE: the device gives up
+    assert p[3] == 9
+    c.settimeout(5)
+    assert c.recv(10) == b""
+    assert dev.connections() == []
+    dev.close()
+
+
+def test_closed_host_socket_is_reset_if_guest_ignores_shutdown(mem, uds):
+    dev = VirtioVsock(mem, CID, uds, timeout=0.2)
+    g = Guest(dev, mem)
+    srv = listener(f"{uds}_44")
+    g.send(VS.OP_REQUEST, 4000, 44)
+    g.expect(VS.OP_RESPONSE)
+    host, _ = srv.accept()
+    host.close()
+    g.expect(VS.OP_SHUTDOWN)
+    g.expect(VS.OP_RST)                            # the guest never sent its RST
+    assert dev.connections() == []
+    dev.close()
+
+
+def test_restore_sends_transport_reset(mem, uds):
+    dev = VirtioVsock(mem, CID, uds)
+    g = Guest(dev, mem)
+    ev = g.drv.queues[2]
+    ev.add([], [4])
+    g.drv.kick(2)
+    state = dev.state()
+    dev.close()
+    other = VirtioVsock(mem, CID, uds)
+    VirtioMmioTransport(other)
+    other.restore(state)
+    [(_, n, data)] = ev.wait(1)
+    assert struct.unpack("<I", data)[0] == VS.EVENT_TRANSPORT_RESET
+    other.close()

@@ -101,6 +101,12 @@ class VirtioMmioTransport:
         return [NotifyRegion(i, QUEUE_NOTIFY, 4, i, self.device.notify_fd(i))
                 for i in range(self.device.num_queues)]
 
+    def notify_addresses(self, base: int) -> list[tuple[int, int, int, int]]:
+        """(guest-physical address, width, datamatch, eventfd) per queue for a
+        window mapped at ``base``: one ioeventfd per queue, matched on the
+        queue index written to QueueNotify."""
+        return [(base + r.offset, r.length, r.datamatch, r.fd) for r in self.notify_regions()]
+
     # -- interrupts (called by the device, any thread) ---------------------------
 
     def _raise(self, bits: int) -> None:

@@ -137,6 +137,14 @@ class VirtioPciTransport(PciDevice):
                              self.device.notify_fd(i), bar=BAR)
                 for i in range(self.device.num_queues)]
 
+    def notify_addresses(self) -> list[tuple[int, int, int]]:
+        """(guest-physical address, width, eventfd) per queue where BAR 0 is
+        decoded now; empty while it is not. Re-read after a BAR move."""
+        base = self.bars[BAR].mapped_at
+        if base is None:
+            return []
+        return [(base + r.offset, r.length, r.fd) for r in self.notify_regions()]
+
     def queue_vector(self, index: int) -> int:
         """The MSI-X vector the driver gave queue ``index`` (0xFFFF: none)."""
         return self.queue_vectors[index]

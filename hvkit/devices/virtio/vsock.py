@@ -102,13 +102,16 @@ class VirtioVsock(VirtioDevice):
 
     def __init__(self, mem: GuestMemory, guest_cid: int, uds_path: str | os.PathLike[str], *,
                  buf_alloc: int = 256 << 10, max_connections: int = 1024,
-                 threaded: bool = True) -> None:
+                 timeout: float = 2.0, threaded: bool = True) -> None:
         if not 3 <= guest_cid < 0xFFFFFFFF:
             raise ConfigError(f"vsock: guest CID {guest_cid} must be 3..0xfffffffe")
         self.uds_path = os.fspath(uds_path)
         self.guest_cid = guest_cid
         self.buf_alloc = buf_alloc
         self.max_connections = max_connections
+        #: how long the guest may take to answer a REQUEST, or to reset a
+        #: connection the host closed, before the device resets it
+        self.timeout = timeout
         self.listener = _listen(self.uds_path)
         super().__init__(mem, [QUEUE_SIZE, QUEUE_SIZE, EVENT_QUEUE_SIZE],
                          threaded=threaded, name="vsock")
@@ -190,7 +193,17 @@ class VirtioVsock(VirtioDevice):
         conn.state = LOCAL_INIT
         self._add(conn)
         self._send_ctrl(conn, OP_REQUEST)
+        self._expire(conn, LOCAL_INIT)
         self._fill_rx()
+
+    def _expire(self, conn: Connection, state: str) -> None:
+        """Reset ``conn`` if it is still in ``state`` after the timeout."""
+        def check() -> None:
+            if self.conns.get(conn.key) is conn and conn.state == state:
+                log.debug("vsock: %r timed out", conn)
+                self._close(conn, rst=True)
+                self._fill_rx()
+        self.worker.call_later(self.timeout, check)
 
     def _drop_waiting(self, conn: Connection) -> None:
         fd = conn.sock.fileno()
@@ -472,6 +485,7 @@ class VirtioVsock(VirtioDevice):
                 _scatter(hdr_views, self._hdr(conn, OP_SHUTDOWN,
                                               flags=SHUTDOWN_RCV | SHUTDOWN_SEND))
                 self._watch(conn)
+                self._expire(conn, CLOSING)
                 return HDR.size
             conn.rx_cnt = (conn.rx_cnt + n) & 0xFFFFFFFF
             _scatter(hdr_views, self._hdr(conn, OP_RW, length=n))
@@ -502,6 +516,14 @@ class VirtioVsock(VirtioDevice):
             self._fill_events()
 
     # -- lifecycle ----------------------------------------------------------------------------
+
+    def restore(self, state: dict) -> None:
+        """Resume a snapshot: host connections did not survive, so the guest
+        is told to drop its own (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET)."""
+        super().restore(state)
+        with self.lock:
+            if self.active:
+                self.send_transport_reset()
 
     def on_reset(self) -> None:
         for conn in list(self.conns.values()):

@@ -8,10 +8,13 @@ lock, one at a time.
 """
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import os
 import selectors
 import threading
+import time
 from typing import Callable
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,10 @@ class Worker:
         self._sel = selectors.DefaultSelector()
         self._stop_fd = new_eventfd()
         self._sel.register(self._stop_fd, selectors.EVENT_READ, None)
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self._wake_fd = new_eventfd()
+        self._sel.register(self._wake_fd, selectors.EVENT_READ, None)
         self._thread: threading.Thread | None = None
         self._stopping = False
         #: callbacks that raised (logged; the loop goes on)
@@ -65,6 +72,32 @@ class Worker:
     def registered(self, fd: int) -> bool:
         return fd in self._sel.get_map()
 
+    def call_later(self, delay: float, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the worker (lock held) after ``delay`` seconds;
+        callers hold the lock too."""
+        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._seq), fn))
+        self._wake()
+
+    def _wake(self) -> None:
+        """Make the loop recompute its timeout."""
+        if self._wake_fd >= 0:
+            os.eventfd_write(self._wake_fd, 1)
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, fn = heapq.heappop(self._timers)
+            try:
+                fn()
+            except Exception:
+                self.callback_errors += 1
+                log.exception("%s: timer failed", self.name)
+
+    def _timeout(self) -> float | None:
+        if not self._timers:
+            return None
+        return max(0.0, self._timers[0][0] - time.monotonic())
+
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -79,10 +112,13 @@ class Worker:
         sel = self._sel
         try:
             while not self._stopping:
-                events = sel.select()
+                events = sel.select(self._timeout())
                 with self.lock:
+                    self._run_timers()
                     for key, mask in events:
                         if key.data is None:
+                            if key.fd == self._wake_fd:
+                                drain_eventfd(self._wake_fd)
                             continue
                         # the fd may have been unregistered by an earlier callback
                         if sel.get_map().get(key.fd) is not key:
@@ -107,6 +143,7 @@ class Worker:
     def close(self) -> None:
         self.stop()
         self._sel.close()
-        if self._stop_fd >= 0:
-            os.close(self._stop_fd)
-            self._stop_fd = -1
+        for fd in (self._stop_fd, self._wake_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._stop_fd = self._wake_fd = -1
