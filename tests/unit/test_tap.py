@@ -186,3 +186,37 @@ def test_virtio_net_on_a_real_tap():
         dev.close()
         mem.close()
     assert not link_exists(name)
+
+
+def test_bridge_with_address_and_a_tap():
+    from hvkit.net import bridge as B
+    with B.Bridge.create(address="10.213.7.1/24") as br:
+        from pyroute2 import IPRoute
+        with IPRoute() as ipr:
+            addrs = [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=br.index)]
+            alias = ipr.get_links(br.index)[0].get_attr("IFLA_IFALIAS")
+        assert "10.213.7.1" in addrs and alias == f"hvkit pid={os.getpid()}"
+        with Tap.create(bridge=br.name) as tap:
+            assert br.ports() == [tap.name]
+        assert br.ports() == []
+        name = br.name
+    assert not link_exists(name)
+    with pytest.raises(ConfigError):
+        B.Bridge.create("lo")
+    with pytest.raises(ConfigError):
+        B.Bridge.create(address="10.0.0.300/24")
+
+
+def test_stale_bridge_of_a_dead_owner_is_removed():
+    import subprocess
+    import sys
+    from hvkit.net import bridge as B
+    out = subprocess.run([sys.executable, "-c",
+                          "from hvkit.net.bridge import Bridge; print(Bridge.create().name)"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert link_exists(out)                       # its owner exited without closing it
+    with B.Bridge.create() as mine:
+        removed = B.remove_stale()
+        assert out in removed and mine.name not in removed
+        assert link_exists(mine.name)
+    assert not link_exists(out)
