@@ -21,6 +21,7 @@ from elftools.elf.elffile import ELFFile
 
 from hvkit.boot import layout
 from hvkit.boot.cmdline import write_cmdline
+from hvkit.boot.elf import LoadSegment, check_entry, load_segments
 from hvkit.boot.linux import (E820_RAM, LinuxBoot, check_e820, default_e820,
                               place_initrd, read_kernel)
 from hvkit.errors import GuestLoadError, GuestMemoryError
@@ -41,16 +42,7 @@ MEMMAP_ENTRY = struct.Struct("<QQII")       # addr, size, type, reserved
 MAX_MEMMAP_ENTRIES = (layout.START_INFO_END - layout.START_INFO_MEMMAP_ADDR) // MEMMAP_ENTRY.size
 
 
-@dataclass(frozen=True)
-class PvhSegment:
-    paddr: int
-    offset: int
-    filesz: int
-    memsz: int
-
-    @property
-    def end(self) -> int:
-        return self.paddr + self.memsz
+PvhSegment = LoadSegment
 
 
 @dataclass(frozen=True)
@@ -118,30 +110,10 @@ def parse_pvh(data: bytes, name: str = "vmlinux") -> PvhImage:
         if elf.elfclass != 64:
             raise GuestLoadError(f"{name}: {elf.elfclass}-bit ELF; expected ELFCLASS64")
         entry = find_pvh_entry(elf, name)
-        segments = []
-        for ph in elf.iter_segments():
-            if ph["p_type"] != "PT_LOAD" or ph["p_memsz"] == 0:
-                continue
-            seg = PvhSegment(ph["p_paddr"], ph["p_offset"], ph["p_filesz"], ph["p_memsz"])
-            if seg.filesz > seg.memsz:
-                raise GuestLoadError(f"{name}: PT_LOAD at {seg.paddr:#x} has p_filesz "
-                                     f"{seg.filesz:#x} > p_memsz {seg.memsz:#x}")
-            if seg.offset + seg.filesz > len(data):
-                raise GuestLoadError(f"{name}: PT_LOAD at {seg.paddr:#x} runs past the end "
-                                     f"of the file ({seg.offset + seg.filesz:#x} > "
-                                     f"{len(data):#x}); truncated image?")
-            segments.append(seg)
+        segments = load_segments(elf, len(data), name)
     except ELFError as exc:
         raise GuestLoadError(f"{name}: malformed ELF: {exc}") from None
-    if not segments:
-        raise GuestLoadError(f"{name}: no PT_LOAD segments")
-    ordered = sorted(segments, key=lambda s: s.paddr)
-    for a, b in zip(ordered, ordered[1:]):
-        if b.paddr < a.end:
-            raise GuestLoadError(f"{name}: PT_LOAD segments at {a.paddr:#x} and {b.paddr:#x} "
-                                 f"overlap in physical memory")
-    if not any(s.paddr <= entry < s.paddr + s.filesz for s in segments):
-        raise GuestLoadError(f"{name}: PVH entry {entry:#x} is not inside any loaded segment")
+    check_entry(segments, entry, name, "PVH entry")
     return PvhImage(entry, tuple(segments))
 
 
