@@ -266,3 +266,48 @@ def test_vsock_random_packets(tmp_path_factory, packets):
         dev.close()
         srv.close()
         mem.close()
+
+
+accesses = st.lists(st.tuples(st.booleans(), st.integers(0, 0x4100), st.sampled_from([1, 2, 4, 8, 3]),
+                              st.integers(0, 2 ** 64 - 1)), min_size=1, max_size=40)
+
+
+@given(ops=accesses)
+@settings(max_examples=80, deadline=None)
+def test_mmio_registers_survive_random_accesses(ops):
+    mem = GuestMemory.create(MEM)
+    dev = VirtioRng(mem, threaded=False)
+    t = VirtioMmioTransport(dev)
+    try:
+        for write, off, size, value in ops:
+            off %= 0x1000
+            if write:
+                t.write(off, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
+            else:
+                assert len(t.read(off, size)) == size
+        assert dev.internal_errors == 0
+    finally:
+        dev.close()
+        mem.close()
+
+
+@given(ops=accesses, cfg=st.lists(st.tuples(st.integers(0, 255), st.binary(min_size=1, max_size=4)),
+                                  max_size=20))
+@settings(max_examples=80, deadline=None)
+def test_pci_registers_survive_random_accesses(ops, cfg):
+    mem = GuestMemory.create(MEM)
+    dev = VirtioRng(mem, threaded=False)
+    t = VirtioPciTransport(dev)
+    try:
+        for off, data in cfg:
+            t.config_write(off, data)
+            assert len(t.config_read(off, len(data))) == len(data)
+        for write, off, size, value in ops:
+            if write:
+                t.bar_write(off, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
+            else:
+                assert len(t.bar_read(off, size)) == size
+        assert dev.internal_errors == 0
+    finally:
+        dev.close()
+        mem.close()

@@ -158,6 +158,8 @@ class VirtioDevice:
         q.indirect = self.negotiated(V.F_INDIRECT_DESC)
 
     def _activate(self) -> None:
+        if self.closed:
+            return
         if not self.status & V.STATUS_FEATURES_OK:
             self.needs_reset("DRIVER_OK without FEATURES_OK")
             return

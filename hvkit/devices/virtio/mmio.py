@@ -12,6 +12,7 @@ from __future__ import annotations
 import struct
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 from hvkit.devices.irq import IrqLine
 from hvkit.devices.virtio import spec as V
@@ -126,6 +127,27 @@ class VirtioMmioTransport:
             self.interrupt_status = 0
             if self.irq is not None:
                 self.irq.set_level(False)
+
+    # -- snapshots ----------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """The transport's registers and the device's state."""
+        with self.device.lock, self._lock:
+            return {"interrupt_status": self.interrupt_status, "queue_sel": self.queue_sel,
+                    "device_features_sel": self.device_features_sel,
+                    "driver_features_sel": self.driver_features_sel,
+                    "device": self.device.state()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        with self.device.lock:
+            self.device.restore(state["device"])
+            with self._lock:
+                self.queue_sel = int(state["queue_sel"])
+                self.device_features_sel = int(state["device_features_sel"])
+                self.driver_features_sel = int(state["driver_features_sel"])
+                self.interrupt_status = int(state["interrupt_status"])
+                if self.irq is not None:
+                    self.irq.set_level(bool(self.interrupt_status))
 
     # -- guest accesses -------------------------------------------------------------
 

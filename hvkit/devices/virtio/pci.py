@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from typing import Any
 
 from hvkit.devices.irq import MsiSender
 from hvkit.devices.pci.bar import BarKind
@@ -184,6 +185,44 @@ class VirtioPciTransport(PciDevice):
         super().reset()
         self.msix.reset()
         self.device.reset()
+
+    # -- snapshots -------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """Configuration space, MSI-X, the transport's registers and the
+        device's state."""
+        with self.device.lock, self._vlock, self._lock:
+            return {"config": bytes(self.config.data).hex(),
+                    "msix_table": bytes(self.msix.table).hex(),
+                    "msix_pba": bytes(self.msix.pba).hex(),
+                    "isr": self.isr, "intx": self._intx_level,
+                    "config_vector": self.config_vector,
+                    "queue_vectors": list(self.queue_vectors),
+                    "queue_select": self.queue_select,
+                    "device_feature_select": self.device_feature_select,
+                    "driver_feature_select": self.driver_feature_select,
+                    "device": self.device.state()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Listeners hear the restored BAR addresses and MSI-X vectors."""
+        with self.device.lock:
+            self.device.restore(state["device"])
+            with self._vlock, self._lock:
+                self.config.data[:] = bytes.fromhex(state["config"])
+                self.msix.table[:] = bytes.fromhex(state["msix_table"])
+                self.msix.pba[:] = bytes.fromhex(state["msix_pba"])
+                self.msix._control = self.config.get_u16(self.msix.cap_offset + 2)
+                self.isr = int(state["isr"])
+                self.config_vector = int(state["config_vector"])
+                self.queue_vectors = [int(v) for v in state["queue_vectors"]]
+                self.queue_select = int(state["queue_select"])
+                self.device_feature_select = int(state["device_feature_select"])
+                self.driver_feature_select = int(state["driver_feature_select"])
+                self._update_mappings()
+                self.set_intx(bool(state["intx"]))
+            for i in range(self.msix.vectors):
+                self.msix._tell(i)
+            self.msix._tell(None)
 
     # -- BAR 0 -----------------------------------------------------------------------
 
