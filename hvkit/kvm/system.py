@@ -6,22 +6,13 @@ import struct
 from functools import cached_property
 
 from hvkit import _native
+from hvkit.kvm.ioctls import X86_GET_MCE_CAP_SUPPORTED
 from hvkit.errors import KvmError
 from hvkit.kvm.caps import Cap
 from hvkit.kvm.structs import (CpuidEntry, check_sizes, pack_cpuid2, pack_msrs,
                                unpack_cpuid2, unpack_msrs)
 
 IOC = _native.IOCTLS
-
-
-def _ioc(direction: int, nr: int, size: int) -> int:
-    """An ioctl number the way <asm-generic/ioctl.h> makes it (type KVMIO)."""
-    return direction << 30 | size << 16 | 0xAE << 8 | nr
-
-
-# Machine-check set-up, not in every <linux/kvm.h> the native layer is built against.
-X86_GET_MCE_CAP_SUPPORTED = _ioc(2, 0x9D, 8)   # _IOR(KVMIO, 0x9d, __u64)
-X86_SETUP_MCE = _ioc(1, 0x9C, 8)               # _IOW(KVMIO, 0x9c, __u64)
 check_sizes(_native.SIZES)
 
 KVM_API_VERSION = 12

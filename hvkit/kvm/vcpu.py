@@ -171,7 +171,7 @@ class Vcpu:
         (1-32, at most what KVM supports) and MCG_CAP ``flags`` (bits 8 and
         up, those KVM supports). Returns the MCG_CAP set."""
         from hvkit.errors import ConfigError
-        from hvkit.kvm.system import X86_SETUP_MCE
+        from hvkit.kvm.ioctls import X86_SETUP_MCE
         supported = self.vm.kvm.mce_cap_supported()
         if not 1 <= banks <= min(32, supported & 0xFF):
             raise ConfigError(f"{banks} MCE banks: this host's KVM gives 1 to "

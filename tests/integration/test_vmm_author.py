@@ -5,7 +5,8 @@ import pytest
 from hvkit import MicroVM
 from hvkit.errors import ConfigError
 from hvkit.kvm.vcpu import MP_STATE_RUNNABLE
-from hvkit.vmm import EntryState, PortMap, VmConfig, build
+from hvkit.vmm import EntryState, PortMap, VmConfig
+from hvkit.vmm.builder import build
 
 pytestmark = pytest.mark.kvm
 
