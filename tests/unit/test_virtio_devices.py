@@ -10,7 +10,7 @@ from hvkit.devices.irq import RecordingLine, RecordingMsi
 from hvkit.devices.virtio import blk as B
 from hvkit.devices.virtio.blk import VirtioBlk
 from hvkit.devices.virtio.console import VirtioConsole
-from hvkit.devices.virtio.driver import MmioDriver, PciDriver, wait_for
+from hvkit.devices.virtio.driver import MmioDriver, PciDriver
 from hvkit.devices.virtio.mmio import VirtioMmioTransport
 from hvkit.devices.virtio.pci import VirtioPciTransport
 from hvkit.devices.virtio.rng import VirtioRng

@@ -22,7 +22,7 @@ import threading
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 from hvkit.devices.virtio import spec as V
-from hvkit.devices.virtio.chain import Chain, ChainError, QueueBroken, VirtioError
+from hvkit.devices.virtio.chain import Chain, ChainError, QueueBroken
 from hvkit.devices.virtio.queue import Virtqueue
 from hvkit.devices.virtio.worker import Worker, drain_eventfd, new_eventfd
 from hvkit.memory.guest import GuestMemory
