@@ -380,3 +380,19 @@ def test_mmio_transport_state_restore(mem):
     t2.restore(state)
     assert line2.level and t2.interrupt_status == V.INT_VRING
     assert t2.device.queues[0].used_idx == 1
+
+
+def test_mmio_edge_mode_pulses_every_interrupt(mem):
+    dev = Echo(mem)
+    line = RecordingLine()
+    t = VirtioMmioTransport(dev, line, edge=True)
+    drv = MmioDriver(t, mem)
+    drv.setup(dev.avail_features & ~(1 << V.F_EVENT_IDX))
+    for word in (b"a", b"b"):
+        drv.queues[0].add([word], [1])
+        drv.kick(0)
+        drv.queues[0].wait(1)
+    assert line.events == [True, False, True, False]   # no ack in between: still two
+    assert drv.interrupt_status() == V.INT_VRING
+    drv.ack(V.INT_VRING)
+    assert line.events == [True, False, True, False]

@@ -82,9 +82,14 @@ class NotifyRegion:
 class VirtioMmioTransport:
     """A virtio device behind a virtio-mmio v2 register window."""
 
-    def __init__(self, device: VirtioDevice, irq: IrqLine | None = None) -> None:
+    def __init__(self, device: VirtioDevice, irq: IrqLine | None = None, *,
+                 edge: bool = False) -> None:
+        """``irq`` is held high while InterruptStatus is non-zero (a level
+        interrupt); with ``edge=True`` every interrupt is a ``pulse()``
+        instead, as an irqfd on an edge-triggered pin delivers it."""
         self.device = device
         self.irq = irq
+        self.edge = edge
         self._lock = threading.RLock()
         self.interrupt_status = 0
         self.queue_sel = 0
@@ -114,7 +119,10 @@ class VirtioMmioTransport:
         with self._lock:
             self.interrupt_status |= bits
             if self.irq is not None:
-                self.irq.set_level(True)
+                if self.edge:
+                    self.irq.pulse()
+                else:
+                    self.irq.set_level(True)
 
     def signal_queue(self, index: int) -> None:
         self._raise(V.INT_VRING)
@@ -125,7 +133,7 @@ class VirtioMmioTransport:
     def device_reset(self) -> None:
         with self._lock:
             self.interrupt_status = 0
-            if self.irq is not None:
+            if self.irq is not None and not self.edge:
                 self.irq.set_level(False)
 
     # -- snapshots ----------------------------------------------------------------------
@@ -146,8 +154,11 @@ class VirtioMmioTransport:
                 self.device_features_sel = int(state["device_features_sel"])
                 self.driver_features_sel = int(state["driver_features_sel"])
                 self.interrupt_status = int(state["interrupt_status"])
-                if self.irq is not None:
-                    self.irq.set_level(bool(self.interrupt_status))
+                if self.irq is not None and self.interrupt_status:
+                    if self.edge:
+                        self.irq.pulse()
+                    else:
+                        self.irq.set_level(True)
 
     # -- guest accesses -------------------------------------------------------------
 
@@ -212,7 +223,7 @@ class VirtioMmioTransport:
         if offset == INTERRUPT_ACK:
             with self._lock:
                 self.interrupt_status &= ~value
-                if not self.interrupt_status and self.irq is not None:
+                if not self.interrupt_status and self.irq is not None and not self.edge:
                     self.irq.set_level(False)
             return
         if offset == STATUS:
