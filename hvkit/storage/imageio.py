@@ -21,7 +21,7 @@ from hvkit.errors import HvkitError
 from hvkit.storage.volume import Volume
 
 #: bytes read from the raw image per batched write
-CHUNK = 32 << 20
+CHUNK = 16 << 20
 #: granularity of zero detection inside a block
 PIECE = 64 << 10
 SECTOR = 512
@@ -115,8 +115,8 @@ def import_raw(vol: Volume, raw: str, name: str, progress: Progress | None = Non
                     n = min(CHUNK, off + length - pos)
                     _read_full(fd, mv[:n], pos)
                     sg = _nonzero_runs(mv[:n], pos)
-                    if sg:
-                        vol.write_sg(fidx, sg)
+                    if sg:  # the disk is incomplete: one commit at the end will do
+                        vol.write_sg(fidx, sg, durable=False)
                     pos += n
                     done += n
                     if progress:

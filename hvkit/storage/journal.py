@@ -141,7 +141,7 @@ def home_generation(f: HostFile, geom: Geometry) -> int:
     """The newest generation among sound bitmap and descriptor blocks in
     place. Every transaction changes at least one of them, so a transaction
     with a sequence number at or below this one reached its home."""
-    lo, hi = geom.bitmap_start(0), geom.ptr_start
+    lo, hi, desc = geom.bitmap_start(0), geom.ptr_start, geom.desc_start
     best = 0
     step = 256
     for first in range(lo, hi, step):
@@ -149,7 +149,8 @@ def home_generation(f: HostFile, geom: Geometry) -> int:
         raw = f.pread(first * mb.META, n * mb.META)
         for i in range(n):
             buf = raw[i * mb.META:(i + 1) * mb.META]
-            if mb.is_sound(buf, _kind_at(geom, first + i), first + i):
+            kind = mb.KIND_BITMAP if first + i < desc else mb.KIND_DESC
+            if mb.is_sound(buf, kind, first + i):
                 best = max(best, mb.header(buf)[6])
     return best
 
@@ -241,7 +242,10 @@ class Journal:
         ring = self._read_ring(0, self.ring_len)
         valid: dict[int, JournalTxn] = {}
         broken: dict[int, _Broken] = {}
+        tag = struct.pack("<IH", mb.MAGIC, mb.KIND_JHEADER)
         for off in range(self.ring_len - 1):
+            if ring[off * mb.META:off * mb.META + 6] != tag:
+                continue  # not a header: no need to checksum it
             hdr = ring[off * mb.META:(off + 1) * mb.META]
             if not mb.is_sound(hdr, mb.KIND_JHEADER, JOURNAL_START + off):
                 continue
@@ -357,16 +361,24 @@ class Journal:
         self.next_seq = seq + 1
         return seq
 
-    def checkpoint(self, wrap: bool = False) -> None:
+    def checkpoint(self, wrap: bool = False, *, final: bool = False) -> None:
         """Make in-place metadata durable, then move the replay start to the
-        head (or to the ring's start when wrapping), freeing the ring."""
+        head (or to the ring's start when wrapping), freeing the ring.
+
+        ``final`` (closing): nothing to do if nothing was committed since the
+        last checkpoint, and the new start need not be flushed: if it is
+        lost, the next open replays transactions whose metadata is home
+        already, which replay skips by generation."""
+        if final and self.next_seq == self.start_seq and self.head == self.start_off:
+            return
         self.f.flush()
         # a transaction that ended exactly at the ring's end leaves head there
         start = 0 if wrap or self.head + 2 > self.ring_len else self.head
         gen = self.sb_gen + 1
         bno = JSB_A if gen % 2 else JSB_B
         self.f.pwrite(bno * mb.META, _jsb_block(bno, gen, self.next_seq, start))
-        self.f.flush()
+        if not final:
+            self.f.flush()
         self.sb_gen, self.start_seq, self.start_off = gen, self.next_seq, start
         self.head = start
         self.stats.checkpoints += 1

@@ -189,7 +189,9 @@ class Volume:
     def create_file(self, name: str, size: int, *, incomplete: bool = False) -> int:
         """Add a thin virtual disk of ``size`` bytes; return its index. An
         ``incomplete`` disk (being imported) stays marked until
-        ``mark_complete``, so a stopped import is never taken for a disk."""
+        ``mark_complete``, so a stopped import is never taken for a disk;
+        its creation is committed with its first data (a crash before
+        leaves nothing to clean up)."""
         if not name or "/" in name or len(name.encode()) > bm.NAME_MAX:
             raise ConfigError(f"bad disk name {name!r}: 1..{bm.NAME_MAX} bytes, no '/'")
         limit = bm.MAX_FILE_BLOCKS * self.geom.block_size
@@ -211,7 +213,8 @@ class Volume:
                           created_ns=time.time_ns(), incomplete=incomplete)
             self.cache.touch(self.geom.desc_start + i)
             self.stats.logical_transactions += 1
-            self.commit_dirty(data_written=False)
+            if not incomplete:
+                self.commit_dirty(data_written=False)
             self._files[name] = i
             return i
 
@@ -220,7 +223,6 @@ class Volume:
         with self.lock:
             self._check_usable()
             info = self.file_info(index)
-            self.f.flush()
             buf = self._desc(index)
             bm.write_desc(buf, in_use=True, name=info.name, size=info.size,
                           created_ns=info.created_ns, incomplete=False)
@@ -426,11 +428,12 @@ class Volume:
         self.read(fidx, offset, memoryview(out))
         return bytes(out)
 
-    def write_sg(self, fidx: int, sg: Sequence[SGElement]):
+    def write_sg(self, fidx: int, sg: Sequence[SGElement], *, durable: bool = True):
         """Write a scatter-gather array as one batched journal transaction
-        (see ``writepath.write_sg``); durable when it returns."""
+        (see ``writepath.write_sg``); durable when it returns unless
+        ``durable=False`` (then the next commit makes it so)."""
         from hvkit.storage.writepath import write_sg
-        return write_sg(self, fidx, sg)
+        return write_sg(self, fidx, sg, durable=durable)
 
     def write(self, fidx: int, offset: int, data: Buffer):
         return self.write_sg(fidx, [(data, offset)])
@@ -502,7 +505,9 @@ class Volume:
                 return
             try:
                 if not self.broken and not self.f.read_only:
-                    self.journal.checkpoint()
+                    if self.cache.dirty:  # writes made with durable=False
+                        self.commit_dirty(data_written=True)
+                    self.journal.checkpoint(final=True)
             finally:
                 self.f.close()
 

@@ -69,7 +69,12 @@ def sort_by_block(sg: Sequence["SGElement"], block_size: int,
     return dict(sorted(sets.items()))
 
 
-def write_sg(vol: "Volume", fidx: int, sg: Sequence["SGElement"]) -> WriteResult:
+def write_sg(vol: "Volume", fidx: int, sg: Sequence["SGElement"], *,
+             durable: bool = True) -> WriteResult:
+    """With ``durable=False`` the array is written but its last transaction
+    is left in the metadata cache for a later commit (``commit_dirty``):
+    for filling a disk nobody uses yet (an import), so one commit and one
+    flush cover many calls."""
     res = WriteResult(elements=len(sg))
     with vol.lock:
         vol._check_usable()
@@ -89,14 +94,15 @@ def write_sg(vol: "Volume", fidx: int, sg: Sequence["SGElement"]) -> WriteResult
                     vol.stats.data_bytes += len(mv)
                     res.bytes += len(mv)
         if not dependent:
-            vol.flush()
+            if durable:
+                vol.flush()
             return res
         limit = vol.journal.max_images
         from hvkit.storage.volume import LOGICAL_TXN_MAX_BLOCKS
         pending = 0
         try:
             for fbi in dependent:
-                if pending and len(vol.cache.dirty) + LOGICAL_TXN_MAX_BLOCKS > limit:
+                if vol.cache.dirty and len(vol.cache.dirty) + LOGICAL_TXN_MAX_BLOCKS > limit:
                     vol.commit_dirty(data_written=True)
                     res.physical_txns += 1
                     pending = 0
@@ -110,12 +116,13 @@ def write_sg(vol: "Volume", fidx: int, sg: Sequence["SGElement"]) -> WriteResult
                     vol.stats.data_bytes += len(mv)
                     res.bytes += len(mv)
         except VolumeFull:
-            if pending:  # keep what was done; the array is not acknowledged
+            if vol.cache.dirty:  # keep what was done; the array is not acknowledged
                 vol.commit_dirty(data_written=True)
             raise
         except BaseException as e:
             vol._fail(f"write failed: {e}")
             raise
-        vol.commit_dirty(data_written=True)
-        res.physical_txns += 1
+        if durable:
+            vol.commit_dirty(data_written=True)
+            res.physical_txns += 1
         return res
