@@ -4,11 +4,17 @@ THRE/receive interrupts.
 
 The transmit path and LSR reads can be served in C (``attach_native``);
 this model then keeps the C side's view of DLAB, IER and input current.
+
+The registers are one byte wide: an access of any other size has no effect
+(reads return all ones, writes are ignored; both are counted in
+``wide_accesses``), so a 2- or 4-byte read of RBR never pops input.
+Host input is never dropped: ``feed`` waits for the guest to make room.
 """
 from __future__ import annotations
 
 import collections
 import threading
+import time
 from typing import Protocol
 
 from hvkit.devices.irq import IrqLine
@@ -55,6 +61,9 @@ FCR_ENABLE = 0x01
 FCR_CLEAR_RX = 0x02
 
 RX_LIMIT = 64 * 1024
+# A feed waiting for room is woken once this much of the queue is free, so
+# a large input refills in big steps rather than a byte per guest read.
+RX_REFILL = RX_LIMIT // 2
 
 
 class Sink(Protocol):
@@ -69,6 +78,9 @@ class Serial16550:
         self.sink = sink
         self.irq = irq
         self.lock = threading.Lock()
+        self._room = threading.Condition(self.lock)
+        self._feeders = 0
+        self.closed = False
         self.fast = None
         self.ier = 0
         self.lcr = 0x03
@@ -82,6 +94,7 @@ class Serial16550:
         self.thr_ipending = False
         self.rx: collections.deque[int] = collections.deque()
         self.overruns = 0
+        self.wide_accesses = 0
 
     def attach_native(self, native_vm, base: int) -> bool:
         """Let C serve THR writes and LSR reads for this UART."""
@@ -93,27 +106,77 @@ class Serial16550:
         self._sync()
         return True
 
+    @property
+    def tx_dropped(self) -> int:
+        """Output bytes the live console could not take in time (a pipe
+        nobody reads): dropped rather than stalling the guest. The sink's
+        in-memory copy still has them."""
+        return int(getattr(self.sink, "fd_dropped", 0))
+
     # -- host side -----------------------------------------------------------
-    def feed(self, data: bytes) -> None:
-        """Queue host input for the guest (bytes beyond 64 KiB are dropped
-        and counted as overruns)."""
-        with self.lock:
-            for b in data:
-                if len(self.rx) >= RX_LIMIT:
-                    self.overruns += 1
-                    self.lsr |= LSR_OE
-                    continue
-                self.rx.append(b)
-            self._update()
+    def feed(self, data: bytes, timeout: float | None = None) -> int:
+        """Queue host input for the guest; returns how many bytes were queued.
+
+        The receive queue holds ``RX_LIMIT`` (64 KiB) bytes. Input beyond
+        that is not dropped: ``feed`` waits until the guest reads and makes
+        room (back-pressure). ``timeout=None`` waits until all of ``data``
+        is queued; a number waits at most that many seconds and ``0`` never
+        waits (it queues what fits now). The return value is then less than
+        ``len(data)``; the caller sends the rest later. ``close()`` makes a
+        waiting feed return at once, and a closed UART queues nothing (0).
+        """
+        view = memoryview(data).cast("B")
+        total, done = len(view), 0
+        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        with self._room:
+            while not self.closed:
+                room = RX_LIMIT - len(self.rx)
+                if room > 0 and done < total:
+                    take = min(room, total - done)
+                    self.rx.extend(view[done:done + take])
+                    done += take
+                    self._update()
+                if done == total:
+                    break
+                wait = None
+                if deadline is not None:
+                    wait = deadline - time.monotonic()
+                    if wait <= 0:
+                        break
+                self._feeders += 1
+                try:
+                    self._room.wait(wait)
+                finally:
+                    self._feeders -= 1
+        return done
+
+    def close(self) -> None:
+        """Refuse further input and wake every feed waiting for room (the VM
+        is going away: nobody will read it)."""
+        with self._room:
+            self.closed = True
+            self._room.notify_all()
 
     # -- guest side ----------------------------------------------------------
     def read(self, offset: int, size: int) -> bytes:
+        if size != 1:
+            self.wide_accesses += 1
+            return b"\xff" * size
         with self.lock:
-            return bytes([self._read(offset)]) + b"\xff" * (size - 1)
+            return bytes([self._read(offset)])
 
     def write(self, offset: int, data: bytes) -> None:
+        if len(data) != 1:
+            self.wide_accesses += 1
+            return
         with self.lock:
             self._write(offset, data[0])
+
+    def _drained(self) -> None:
+        """The guest took input (or cleared the FIFO): wake a waiting feed
+        once there is room for a good refill."""
+        if self._feeders and RX_LIMIT - len(self.rx) >= RX_REFILL:
+            self._room.notify_all()
 
     def _read(self, off: int) -> int:
         dlab = self.lcr & LCR_DLAB
@@ -121,6 +184,7 @@ class Serial16550:
             if dlab:
                 return self.dll
             value = self.rx.popleft() if self.rx else 0
+            self._drained()
             self._update()
             return value
         if off == IER:
@@ -162,6 +226,9 @@ class Serial16550:
             if self.mcr & MCR_LOOP:
                 if len(self.rx) < RX_LIMIT:
                     self.rx.append(value)
+                else:  # the receiver overruns, as a 16550's does
+                    self.overruns += 1
+                    self.lsr |= LSR_OE
             else:
                 self.sink.write(bytes([value]))
             # Transmission is instant: THR is empty again at once.
@@ -180,6 +247,7 @@ class Serial16550:
             self.fcr = value & 0xC9
             if value & FCR_CLEAR_RX:
                 self.rx.clear()
+                self._drained()
             self._update()
         elif off == LCR:
             self.lcr = value

@@ -128,7 +128,7 @@ def test_lookups_stay_consistent_while_another_thread_moves_devices():
     t = threading.Thread(target=move)
     t.start()
     try:
-        for n in range(20000):
+        for n in range(100000):
             addr = 0x8000 + (n * 0x1238) % 0xB000
             bus.read(addr, 8)
             bus.write(addr, b"\0" * 4)

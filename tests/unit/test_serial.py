@@ -102,12 +102,95 @@ def test_scratch_register():
     assert rd(u, s.SCR) == 0xA5
 
 
-def test_input_overrun_is_counted_not_fatal():
+def test_feed_without_waiting_takes_what_fits_and_drops_nothing():
     u, _, _ = make()
-    u.feed(b"x" * (s.RX_LIMIT + 10))
-    assert u.overruns == 10
+    assert u.feed(b"x" * (s.RX_LIMIT + 10), timeout=0) == s.RX_LIMIT
+    assert u.feed(b"y", timeout=0) == 0
+    assert u.overruns == 0 and not rd(u, s.LSR) & s.LSR_OE
+    assert rd(u, s.RBR_THR) == ord("x")
+    assert u.feed(b"y", timeout=0) == 1
+
+
+def test_feed_timeout_returns_what_was_queued():
+    import time
+    u, _, _ = make()
+    t0 = time.monotonic()
+    assert u.feed(b"z" * (s.RX_LIMIT + 5), timeout=0.2) == s.RX_LIMIT
+    assert 0.15 < time.monotonic() - t0 < 5
+
+
+def guest_reader(u, n, out):
+    """Read n bytes as a polling driver does: LSR.DR, then RBR."""
+    while len(out) < n:
+        if rd(u, s.LSR) & s.LSR_DR:
+            out.append(rd(u, s.RBR_THR))
+
+
+def test_input_larger_than_the_queue_arrives_whole_and_in_order():
+    import threading
+    u, _, _ = make()
+    data = bytes(range(256)) * 1024          # 4 x the queue, ending in 0xff
+    out = bytearray()
+    t = threading.Thread(target=guest_reader, args=(u, len(data), out), daemon=True)
+    t.start()
+    assert u.feed(data) == len(data)
+    t.join(60)
+    assert bytes(out) == data
+
+
+def test_close_wakes_a_feed_waiting_for_room():
+    import threading
+    u, _, _ = make()
+    got = []
+    t = threading.Thread(target=lambda: got.append(u.feed(b"q" * (s.RX_LIMIT + 100))),
+                         daemon=True)
+    t.start()
+    t.join(0.2)
+    assert t.is_alive()                   # waiting: the guest has not read
+    u.close()
+    t.join(5)
+    assert got == [s.RX_LIMIT]
+    assert u.feed(b"late") == 0
+
+
+def test_loopback_overrun_sets_oe():
+    u, _, _ = make()
+    wr(u, s.MCR, s.MCR_LOOP)
+    u.feed(b"x" * s.RX_LIMIT, timeout=0)
+    wr(u, s.RBR_THR, 0x55)
+    assert u.overruns == 1
     assert rd(u, s.LSR) & s.LSR_OE
     assert not rd(u, s.LSR) & s.LSR_OE    # OE clears when read
+
+
+def test_wide_accesses_have_no_side_effects():
+    u, sink, _ = make()
+    u.feed(b"ab")
+    assert u.read(s.RBR_THR, 2) == b"\xff\xff"
+    assert u.read(s.RBR_THR, 4) == b"\xff" * 4
+    u.write(s.RBR_THR, b"xy")
+    u.write(s.LCR, b"\x80\x00")
+    assert sink.data == b"" and u.lcr == 0x03
+    assert u.wide_accesses == 4
+    assert rd(u, s.RBR_THR) == ord("a")    # nothing was popped
+    assert rd(u, s.RBR_THR) == ord("b")
+
+
+def test_transmit_to_an_undrained_console_is_dropped_and_counted():
+    import os
+    from hvkit import _native
+    rfd, wfd = os.pipe()
+    try:
+        sink = _native.ConsoleSink()
+        sink.fd = wfd
+        u = Serial16550(sink)
+        for _ in range(70 * 1024):
+            wr(u, s.RBR_THR, ord("o"))
+        assert len(sink.getvalue()) == 70 * 1024
+        assert u.tx_dropped >= 70 * 1024 - 65536
+    finally:
+        os.close(rfd)
+        os.close(wfd)
 
 
 def test_fast_path_state_follows_the_model():
