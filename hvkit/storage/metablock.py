@@ -85,9 +85,10 @@ def verify(buf: bytes | bytearray | memoryview, kind: int, blockno: int) -> None
     """Raise ``CorruptMetadata`` unless ``buf`` is a sound block of ``kind``
     sealed for address ``blockno``."""
     name = KIND_NAMES.get(kind, f"kind {kind}")
-    if len(buf) < META:
+    size = memoryview(buf).nbytes
+    if size < META:
         raise CorruptMetadata(f"{name} at block {blockno}: short read "
-                              f"({len(buf)} of {META} bytes)", blockno, kind)
+                              f"({size} of {META} bytes)", blockno, kind)
     magic, k, version, crc, _r, addr, _gen = HEADER.unpack_from(buf, 0)
     if magic != MAGIC:
         raise CorruptMetadata(f"{name} at block {blockno}: bad magic {magic:#x}",

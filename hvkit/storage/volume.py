@@ -399,6 +399,10 @@ class Volume:
     # -- data ---------------------------------------------------------------
     def _check_range(self, fidx: int, offset: int, length: int, what: str) -> int:
         size = self.file_info(fidx).size
+        if (isinstance(offset, bool) or isinstance(length, bool)
+                or not isinstance(offset, int) or not isinstance(length, int)):
+            raise StorageError(f"{what}: offset {offset!r} and length {length!r} must be "
+                               f"integers")
         if offset < 0 or length < 0 or offset + length > size:
             raise StorageError(f"{what} of {length} bytes at offset {offset} is outside "
                                f"the disk ({size} bytes)")
