@@ -173,16 +173,25 @@ def export_raw(vol: Volume, name: str, out: str, *, force: bool = False,
         bs = vol.geom.block_size
         nblocks = -(-info.size // bs)
         src = vol.f.fd
+        run = [0, 0, 0]  # src, dst, length: blocks laid out in order copy in one call
         with vol.lock:
             for fbi in range(nblocks):
                 loc = vol.resolve(fidx, fbi)
                 if loc is not None:
                     n = min(bs, info.size - fbi * bs, loc.length)
                     for off, length in data_extents(src, loc.offset, loc.offset + n):
-                        _copy(src, fd, length, off, fbi * bs + off - loc.offset)
+                        dst = fbi * bs + off - loc.offset
+                        if run[2] and run[0] + run[2] == off and run[1] + run[2] == dst:
+                            run[2] += length
+                            continue
+                        if run[2]:
+                            _copy(src, fd, run[2], run[0], run[1])
+                        run = [off, dst, length]
                 if progress and (fbi % 64 == 63 or fbi == nblocks - 1):
                     progress(min((fbi + 1) * bs, info.size), info.size)
-        os.fsync(fd)
+            if run[2]:
+                _copy(src, fd, run[2], run[0], run[1])
+        os.fdatasync(fd)
         os.close(fd)
         fd = -1
         if force:
