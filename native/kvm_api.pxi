@@ -236,3 +236,104 @@ SIZES = {
     'segment': sizeof(kvm_segment),
     'dtable': sizeof(kvm_dtable),
 }
+
+# Offset and size of every struct member whose layout Python packs by hand
+# (hvkit.kvm.structs checks its format strings against these at import).
+cdef extern from *:
+    """
+    #include <stddef.h>
+    #include <linux/kvm.h>
+    typedef struct { const char *st; const char *field; size_t off, size; } hv_field;
+    #define HV_F(s, f) { #s, #f, offsetof(struct kvm_##s, f), \\
+                         sizeof(((struct kvm_##s *)0)->f) }
+    /* A flexible array member: its offset only (size 0). */
+    #define HV_FA(s, f) { #s, #f, offsetof(struct kvm_##s, f), 0 }
+    static const hv_field hv_fields[] = {
+        HV_F(regs, rax), HV_F(regs, rbx), HV_F(regs, rcx), HV_F(regs, rdx),
+        HV_F(regs, rsi), HV_F(regs, rdi), HV_F(regs, rsp), HV_F(regs, rbp),
+        HV_F(regs, r8), HV_F(regs, r9), HV_F(regs, r10), HV_F(regs, r11),
+        HV_F(regs, r12), HV_F(regs, r13), HV_F(regs, r14), HV_F(regs, r15),
+        HV_F(regs, rip), HV_F(regs, rflags),
+        HV_F(segment, base), HV_F(segment, limit), HV_F(segment, selector),
+        HV_F(segment, type), HV_F(segment, present), HV_F(segment, dpl),
+        HV_F(segment, db), HV_F(segment, s), HV_F(segment, l), HV_F(segment, g),
+        HV_F(segment, avl), HV_F(segment, unusable),
+        HV_F(dtable, base), HV_F(dtable, limit),
+        HV_F(sregs, cs), HV_F(sregs, ds), HV_F(sregs, es), HV_F(sregs, fs),
+        HV_F(sregs, gs), HV_F(sregs, ss), HV_F(sregs, tr), HV_F(sregs, ldt),
+        HV_F(sregs, gdt), HV_F(sregs, idt), HV_F(sregs, cr0), HV_F(sregs, cr2),
+        HV_F(sregs, cr3), HV_F(sregs, cr4), HV_F(sregs, cr8), HV_F(sregs, efer),
+        HV_F(sregs, apic_base), HV_F(sregs, interrupt_bitmap),
+        HV_F(fpu, fpr), HV_F(fpu, fcw), HV_F(fpu, fsw), HV_F(fpu, ftwx),
+        HV_F(fpu, last_opcode), HV_F(fpu, last_ip), HV_F(fpu, last_dp),
+        HV_F(fpu, xmm), HV_F(fpu, mxcsr),
+        HV_F(vcpu_events, exception.injected), HV_F(vcpu_events, exception.nr),
+        HV_F(vcpu_events, exception.has_error_code), HV_F(vcpu_events, exception.pending),
+        HV_F(vcpu_events, exception.error_code), HV_F(vcpu_events, interrupt.injected),
+        HV_F(vcpu_events, interrupt.nr), HV_F(vcpu_events, interrupt.soft),
+        HV_F(vcpu_events, interrupt.shadow), HV_F(vcpu_events, nmi.injected),
+        HV_F(vcpu_events, nmi.pending), HV_F(vcpu_events, nmi.masked),
+        HV_F(vcpu_events, sipi_vector), HV_F(vcpu_events, flags),
+        HV_F(vcpu_events, smi.smm), HV_F(vcpu_events, smi.pending),
+        HV_F(vcpu_events, smi.smm_inside_nmi), HV_F(vcpu_events, smi.latched_init),
+        HV_F(vcpu_events, triple_fault.pending), HV_F(vcpu_events, exception_has_payload),
+        HV_F(vcpu_events, exception_payload),
+        HV_F(cpuid2, nent), HV_FA(cpuid2, entries),
+        HV_F(cpuid_entry2, function), HV_F(cpuid_entry2, index), HV_F(cpuid_entry2, flags),
+        HV_F(cpuid_entry2, eax), HV_F(cpuid_entry2, ebx), HV_F(cpuid_entry2, ecx),
+        HV_F(cpuid_entry2, edx),
+        HV_F(msrs, nmsrs), HV_FA(msrs, entries),
+        HV_F(msr_entry, index), HV_F(msr_entry, reserved), HV_F(msr_entry, data),
+        HV_F(xcrs, nr_xcrs), HV_F(xcrs, flags), HV_F(xcrs, xcrs),
+        HV_F(xcr, xcr), HV_F(xcr, reserved), HV_F(xcr, value),
+        HV_F(lapic_state, regs),
+        HV_F(userspace_memory_region, slot), HV_F(userspace_memory_region, flags),
+        HV_F(userspace_memory_region, guest_phys_addr),
+        HV_F(userspace_memory_region, memory_size),
+        HV_F(userspace_memory_region, userspace_addr),
+        HV_F(dirty_log, slot), HV_F(dirty_log, dirty_bitmap),
+        HV_F(clear_dirty_log, slot), HV_F(clear_dirty_log, num_pages),
+        HV_F(clear_dirty_log, first_page), HV_F(clear_dirty_log, dirty_bitmap),
+        HV_F(irq_level, irq), HV_F(irq_level, level),
+        HV_F(msi, address_lo), HV_F(msi, address_hi), HV_F(msi, data), HV_F(msi, flags),
+        HV_F(msi, devid),
+        HV_F(ioeventfd, datamatch), HV_F(ioeventfd, addr), HV_F(ioeventfd, len),
+        HV_F(ioeventfd, fd), HV_F(ioeventfd, flags),
+        HV_F(irqfd, fd), HV_F(irqfd, gsi), HV_F(irqfd, flags), HV_F(irqfd, resamplefd),
+        HV_F(enable_cap, cap), HV_F(enable_cap, flags), HV_F(enable_cap, args),
+        HV_F(pit_config, flags),
+        HV_F(irq_routing, nr), HV_FA(irq_routing, entries),
+        HV_F(irq_routing_entry, gsi), HV_F(irq_routing_entry, type),
+        HV_F(irq_routing_entry, flags), HV_F(irq_routing_entry, u),
+        HV_F(clock_data, clock), HV_F(clock_data, flags), HV_F(clock_data, realtime),
+        HV_F(clock_data, host_tsc),
+        HV_F(msr_filter, flags), HV_F(msr_filter, ranges),
+        HV_F(msr_filter_range, flags), HV_F(msr_filter_range, nmsrs),
+        HV_F(msr_filter_range, base), HV_F(msr_filter_range, bitmap),
+        HV_F(guest_debug, control), HV_F(guest_debug, arch),
+        HV_F(translation, linear_address), HV_F(translation, physical_address),
+        HV_F(translation, valid), HV_F(translation, writeable), HV_F(translation, usermode),
+        HV_F(mp_state, mp_state),
+        { 0, 0, 0, 0 }
+    };
+    static const hv_field *hv_field_table(void) { return hv_fields; }
+    """
+    ctypedef struct hv_field:
+        const char *st
+        const char *field
+        size_t off
+        size_t size
+    const hv_field *hv_field_table()
+
+
+cdef dict _field_offsets():
+    cdef const hv_field *f = hv_field_table()
+    out = {}
+    while f.st != NULL:
+        out[(f.st.decode(), f.field.decode())] = (f.off, f.size)
+        f += 1
+    return out
+
+
+# (struct, member) -> (offset, size), e.g. ("vcpu_events", "exception.nr") -> (1, 1)
+FIELD_OFFSETS = _field_offsets()

@@ -1,11 +1,14 @@
 """KVM uAPI structures as Python dataclasses, packed to and from bytes.
 
 The native layer only moves bytes; the layouts live here and are checked
-against the C compiler's sizes when the native module is loaded
-(``check_sizes``), so a header change cannot silently corrupt a call.
+against <linux/kvm.h> as the C compiler sees it: total sizes
+(``check_sizes``) and the offset and size of every member we pack
+(``check_offsets``, run when this module is imported), so neither a header
+change nor a slip in a format string can silently corrupt a call.
 """
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import astuple, dataclass, field, fields
 from typing import ClassVar, Iterable
@@ -211,6 +214,7 @@ def unpack_cpuid2(buf: bytes) -> list[CpuidEntry]:
 
 
 MSR_ENTRY = struct.Struct("<IIQ")
+XCR = struct.Struct("<IIQ")
 
 
 def pack_msrs(items: Iterable[tuple[int, int]]) -> bytearray:
@@ -242,7 +246,7 @@ class Xcrs:
         n, flags = struct.unpack_from("<II", data, 0)
         xcrs = {}
         for i in range(min(n, 16)):
-            xcr, _, value = struct.unpack_from("<IIQ", data, 8 + 16 * i)
+            xcr, _, value = XCR.unpack_from(data, 8 + XCR.size * i)
             xcrs[xcr] = value
         return cls(xcrs, flags)
 
@@ -250,7 +254,7 @@ class Xcrs:
         out = bytearray(self.SIZE)
         struct.pack_into("<II", out, 0, len(self.xcrs), self.flags)
         for i, (xcr, value) in enumerate(sorted(self.xcrs.items())):
-            struct.pack_into("<IIQ", out, 8 + 16 * i, xcr, 0, value)
+            XCR.pack_into(out, 8 + XCR.size * i, xcr, 0, value)
         return bytes(out)
 
 
@@ -301,7 +305,98 @@ def check_sizes(sizes: dict[str, int]) -> None:
         raise RuntimeError(f"KVM struct layouts do not match <linux/kvm.h>: {bad}")
 
 
+def field_layout(fmt: str | struct.Struct, base: int = 0) -> list[tuple[int, int]]:
+    """(offset, size) of each value a little-endian, unaligned struct format
+    packs, in order; pad bytes (``x``) take space but no entry. A ``Ns``
+    is one value of N bytes, ``4B`` four values."""
+    text = fmt.format if isinstance(fmt, struct.Struct) else fmt
+    if not text or text[0] not in "<=":
+        raise ValueError(f"layout format {text!r} must be little-endian without alignment ('<')")
+    out, offset = [], base
+    for count, code in re.findall(r"(\d*)([a-zA-Z?])", text[1:]):
+        n = int(count) if count else 1
+        if code == "x":
+            offset += n
+        elif code in "sp":
+            out.append((offset, n))
+            offset += n
+        else:
+            size = struct.calcsize("<" + code)
+            for _ in range(n):
+                out.append((offset, size))
+                offset += size
+    return out
+
+
+def _seq(fmt: str | struct.Struct, names: str, base: int = 0) -> list[tuple[str, int, int]]:
+    """Pair the members of a format with C member names (``-`` skips one)."""
+    items = field_layout(fmt, base)
+    names_ = names.split()
+    if len(items) != len(names_):
+        raise ValueError(f"{len(names_)} names for {len(items)} values of {fmt!r}")
+    return [(n, o, z) for n, (o, z) in zip(names_, items) if n != "-"]
+
+
+def layouts() -> dict[str, list[tuple[str, int, int]]]:
+    """Every layout this module packs: struct -> [(C member, offset, size)]."""
+    seg = Segment.FMT.size
+    sregs = [(name, seg * i, seg) for i, name in enumerate(SEGMENT_NAMES)]
+    sregs += [("gdt", 192, DTable.FMT.size), ("idt", 208, DTable.FMT.size)]
+    sregs += _seq(Sregs.TAIL, "cr0 cr2 cr3 cr4 cr8 efer apic_base - - - -", 224)
+    sregs.append(("interrupt_bitmap", 224 + 7 * 8, 4 * 8))
+    return {
+        "regs": _seq(Regs.FMT, " ".join(REG_NAMES)),
+        "segment": _seq(Segment.FMT, "base limit selector type present dpl db s l g avl "
+                                     "unusable"),
+        "dtable": _seq(DTable.FMT, "base limit"),
+        "sregs": sregs,
+        "fpu": _seq(Fpu.FMT, "fpr fcw fsw ftwx last_opcode last_ip last_dp xmm mxcsr"),
+        "vcpu_events": _seq(VcpuEvents.FMT, (
+            "exception.injected exception.nr exception.has_error_code exception.pending "
+            "exception.error_code interrupt.injected interrupt.nr interrupt.soft "
+            "interrupt.shadow nmi.injected nmi.pending nmi.masked sipi_vector flags "
+            "smi.smm smi.pending smi.smm_inside_nmi smi.latched_init triple_fault.pending "
+            "exception_has_payload exception_payload")),
+        "cpuid2": _seq("<I4x", "nent") + [("entries", 8, 0)],
+        "cpuid_entry2": _seq(CpuidEntry.FMT, "function index flags eax ebx ecx edx"),
+        "msrs": _seq("<I4x", "nmsrs") + [("entries", 8, 0)],
+        "msr_entry": _seq(MSR_ENTRY, "index reserved data"),
+        "xcrs": _seq("<II", "nr_xcrs flags") + [("xcrs", 8, 16 * 16)],
+        "xcr": _seq(XCR, "xcr reserved value"),
+        "lapic_state": [("regs", 0, Lapic.SIZE)],
+    }
+
+
+def check_offsets(c_fields: dict[tuple[str, str], tuple[int, int]],
+                  extra: dict[str, list[tuple[str, int, int]]] | None = None) -> None:
+    """Compare the offset and size of every member we pack with the C
+    compiler's (``_native.FIELD_OFFSETS``); raise naming each mismatch.
+    A size of 0 means a flexible array member, whose offset alone counts."""
+    bad = []
+    for st, members in {**layouts(), **(extra or {})}.items():
+        for name, off, size in members:
+            c = c_fields.get((st, name))
+            if c is None:
+                bad.append(f"{st}.{name}: not in the C table")
+            elif c[0] != off or (size and c[1] != size):
+                bad.append(f"kvm_{st}.{name}: ours at {off} ({size} bytes), "
+                           f"<linux/kvm.h> at {c[0]} ({c[1]} bytes)")
+    if bad:
+        raise RuntimeError("KVM struct layouts do not match <linux/kvm.h>: " + "; ".join(bad))
+
+
+def _check_at_import() -> None:
+    try:
+        from hvkit import _native
+    except ImportError:   # no native extension: nothing to check against
+        return
+    check_sizes(_native.SIZES)
+    check_offsets(_native.FIELD_OFFSETS)
+
+
 __all__ = [
     "Regs", "Segment", "DTable", "Sregs", "Fpu", "VcpuEvents", "CpuidEntry",
     "Xcrs", "Lapic", "pack_cpuid2", "unpack_cpuid2", "pack_msrs", "unpack_msrs",
-    "check_sizes"]
+    "check_sizes", "check_offsets", "field_layout", "layouts"]
+
+_check_at_import()

@@ -1,3 +1,5 @@
+import struct
+
 from hvkit import _native
 from hvkit.kvm.caps import Cap, ExitReason
 from hvkit.kvm.structs import (CpuidEntry, Fpu, Regs, Segment, Sregs, VcpuEvents, Xcrs,
@@ -59,3 +61,68 @@ def test_console_sink_orders_and_limits():
     sink.write(b"defghij")
     assert sink.getvalue() == b"abcdefgh"
     assert sink.dropped == 2
+
+
+# -- member offsets against <linux/kvm.h> ---------------------------------------
+
+from hvkit.kvm import structs  # noqa: E402
+
+
+def test_every_member_offset_matches_the_c_headers():
+    structs.check_offsets(_native.FIELD_OFFSETS)
+    assert _native.FIELD_OFFSETS[("vcpu_events", "exception_payload")] == (56, 8)
+    assert _native.FIELD_OFFSETS[("sregs", "interrupt_bitmap")] == (280, 32)
+
+
+def test_a_member_moved_within_the_same_size_is_caught(monkeypatch):
+    # The pad byte of kvm_vcpu_events.nmi moved one place: same total size,
+    # so check_sizes passes, but sipi_vector and flags are read one byte off.
+    monkeypatch.setattr(VcpuEvents, "FMT", struct.Struct("<4BI4B3BIxI4BB26xBQ"))
+    check_sizes(_native.SIZES)
+    with pytest.raises(RuntimeError, match=r"kvm_vcpu_events.sipi_vector: ours at 15"):
+        structs.check_offsets(_native.FIELD_OFFSETS)
+
+
+def test_a_member_of_the_wrong_width_is_caught(monkeypatch):
+    monkeypatch.setattr(Fpu, "FMT", struct.Struct("<128sHHBxHQQ256sQ"))
+    with pytest.raises(RuntimeError, match=r"kvm_fpu.mxcsr: ours at 408 \(8 bytes\)"):
+        structs.check_offsets(_native.FIELD_OFFSETS)
+
+
+def test_field_layout_reads_formats():
+    assert structs.field_layout("<BxH4s2I") == [(0, 1), (2, 2), (4, 4), (8, 4), (12, 4)]
+    with pytest.raises(ValueError, match="little-endian"):
+        structs.field_layout("IIQ")
+
+
+def seq(fmt, names):
+    return structs._seq(fmt, names)
+
+
+# The layouts hvkit.kvm.vm, hvkit.kvm.vcpu and hvkit.time pack inline, as
+# they are written there.
+INLINE = {
+    "userspace_memory_region": seq("<IIQQQ", "slot flags guest_phys_addr memory_size "
+                                            "userspace_addr"),
+    "dirty_log": seq("<IIQ", "slot - dirty_bitmap"),
+    "clear_dirty_log": seq("<IIQQ", "slot num_pages first_page dirty_bitmap"),
+    "irq_level": seq("<II", "irq level"),
+    "msi": seq("<IIIII12x", "address_lo address_hi data flags devid"),
+    "ioeventfd": seq("<QQIiI36x", "datamatch addr len fd flags"),
+    "irqfd": seq("<IIII16x", "fd gsi flags resamplefd"),
+    "enable_cap": seq("<II", "cap flags") + [("args", 8, 32)],
+    "pit_config": seq("<I60x", "flags"),
+    "irq_routing": seq("<I4x", "nr") + [("entries", 8, 0)],
+    "irq_routing_entry": seq("<III4x", "gsi type flags") + [("u", 16, 32)],
+    "clock_data": seq("<QIIQQ16x", "clock flags - realtime host_tsc"),
+    "msr_filter": seq("<I4x", "flags") + [("ranges", 8, 16 * 24)],
+    "msr_filter_range": seq("<IIIxxxxQ", "flags nmsrs base bitmap"),
+    "guest_debug": seq("<II", "control -") + [("arch", 8, 64)],
+    "translation": seq("<QQBBBB4x", "linear_address physical_address valid writeable "
+                                    "usermode -"),
+    "mp_state": seq("<I", "mp_state"),
+}
+
+
+def test_inline_layouts_elsewhere_match_too():
+    structs.check_offsets(_native.FIELD_OFFSETS, extra=INLINE)
