@@ -10,7 +10,7 @@ so the machine can remap its MMIO bus and re-register ioeventfds.
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from typing import Any, Callable
 
 from hvkit.devices.bus import Device
 from hvkit.devices.irq import IrqLine
@@ -216,6 +216,30 @@ class PciDevice:
             self.config.set_u16(C.COMMAND, 0)
             self.set_intx(False)
             self._update_mappings()
+
+    # -- snapshots -------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """Configuration space and the INTx pin (JSON-able): what a snapshot
+        keeps of the function itself; subclasses add their registers."""
+        with self._lock:
+            return {"config": bytes(self.config.data).hex(), "intx": self._intx_level}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take back ``state()``: BAR listeners hear the restored addresses
+        and the INTx line follows the restored pin."""
+        data = bytes.fromhex(state["config"])
+        if len(data) != len(self.config.data):
+            raise ConfigError(f"{self.name}: saved configuration space is {len(data)} bytes, "
+                              f"not {len(self.config.data)}")
+        with self._lock:
+            self.config.data[:] = data
+            self._update_mappings()
+            # the restored pin is driven out whatever the line held before
+            self._intx_level = bool(state["intx"])
+            self._intx_out = self._intx_level and not self.command & C.COMMAND_INTX_DISABLE
+            if self.intx is not None:
+                self.intx.set_level(self._intx_out)
 
     def __repr__(self) -> str:
         vid = self.config.get_u16(C.VENDOR_ID)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from hvkit.devices.irq import MsiSender
 from hvkit.devices.pci import constants as C
@@ -153,6 +153,31 @@ class MsixCapability:
             for i in range(self.vectors):
                 self.table[i * ENTRY_SIZE:(i + 1) * ENTRY_SIZE] = struct.pack("<IIII", 0, 0, 0, VECTOR_MASKED)
             self.pba[:] = bytes(len(self.pba))
+            self._tell(None)
+
+    # -- snapshots -------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """The vector table and pending bits (Enable and Function Mask live
+        in configuration space, which the device saves)."""
+        with self._lock:
+            return {"table": bytes(self.table).hex(), "pba": bytes(self.pba).hex()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take back ``state()`` after the device's configuration space was
+        restored; listeners hear every vector and the control word, so the
+        machine reprograms its routes."""
+        table = bytes.fromhex(state["table"])
+        pba = bytes.fromhex(state["pba"])
+        if len(table) != len(self.table) or len(pba) != len(self.pba):
+            raise ConfigError(f"saved MSI-X state has {len(table) // ENTRY_SIZE} vectors, "
+                              f"this function has {self.vectors}")
+        with self._lock:
+            self.table[:] = table
+            self.pba[:] = pba
+            self._control = self.device.config.get_u16(self.cap_offset + 2)
+            for i in range(self.vectors):
+                self._tell(i)
             self._tell(None)
 
     # -- BAR accesses -----------------------------------------------------------

@@ -191,12 +191,12 @@ class VirtioPciTransport(PciDevice):
     def state(self) -> dict[str, Any]:
         """Configuration space, MSI-X, the transport's registers and the
         device's state."""
-        with self.device.lock, self._vlock, self._lock:
-            return {"config": bytes(self.config.data).hex(),
-                    "msix_table": bytes(self.msix.table).hex(),
-                    "msix_pba": bytes(self.msix.pba).hex(),
-                    "isr": self.isr, "intx": self._intx_level,
-                    "config_vector": self.config_vector,
+        with self.device.lock, self._vlock:
+            pci = PciDevice.state(self)
+            msix = self.msix.state()
+            return {"config": pci["config"], "intx": pci["intx"],
+                    "msix_table": msix["table"], "msix_pba": msix["pba"],
+                    "isr": self.isr, "config_vector": self.config_vector,
                     "queue_vectors": list(self.queue_vectors),
                     "queue_select": self.queue_select,
                     "device_feature_select": self.device_feature_select,
@@ -205,24 +205,21 @@ class VirtioPciTransport(PciDevice):
 
     def restore(self, state: dict[str, Any]) -> None:
         """Listeners hear the restored BAR addresses and MSI-X vectors."""
+        nq = self.device.num_queues
+        vectors = [int(v) for v in state["queue_vectors"]]
+        if len(vectors) != nq:
+            raise ValueError(f"virtio-pci: saved state has {len(vectors)} queues, not {nq}")
         with self.device.lock:
             self.device.restore(state["device"])
-            with self._vlock, self._lock:
-                self.config.data[:] = bytes.fromhex(state["config"])
-                self.msix.table[:] = bytes.fromhex(state["msix_table"])
-                self.msix.pba[:] = bytes.fromhex(state["msix_pba"])
-                self.msix._control = self.config.get_u16(self.msix.cap_offset + 2)
-                self.isr = int(state["isr"])
-                self.config_vector = int(state["config_vector"])
-                self.queue_vectors = [int(v) for v in state["queue_vectors"]]
+            with self._vlock:
+                self.isr = int(state["isr"]) & 0xFF
+                self.config_vector = self._vector(int(state["config_vector"]))
+                self.queue_vectors = [self._vector(v) for v in vectors]
                 self.queue_select = int(state["queue_select"])
                 self.device_feature_select = int(state["device_feature_select"])
                 self.driver_feature_select = int(state["driver_feature_select"])
-                self._update_mappings()
-                self.set_intx(bool(state["intx"]))
-            for i in range(self.msix.vectors):
-                self.msix._tell(i)
-            self.msix._tell(None)
+                PciDevice.restore(self, {"config": state["config"], "intx": state["intx"]})
+            self.msix.restore({"table": state["msix_table"], "pba": state["msix_pba"]})
 
     # -- BAR 0 -----------------------------------------------------------------------
 
