@@ -15,6 +15,7 @@ import errno
 import os
 import stat
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
 from hvkit.errors import HvkitError
@@ -98,29 +99,45 @@ def _nonzero_runs(mv: memoryview, base: int) -> list[tuple[memoryview, int]]:
     return out
 
 
+def _chunks(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) pieces of at most CHUNK bytes covering the data."""
+    for off, length in data_extents(fd, 0, size):
+        pos = off
+        while pos < off + length:
+            n = min(CHUNK, off + length - pos)
+            yield pos, n
+            pos += n
+
+
 def import_raw(vol: Volume, raw: str, name: str, progress: Progress | None = None) -> int:
     """Copy the raw image ``raw`` into a new disk ``name``; return its size
-    (the image's size rounded up to a sector)."""
+    (the image's size rounded up to a sector). The next chunk is read by a
+    helper thread while this one is written (both release the GIL)."""
     fd, size = _open_source(raw)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="hvkit-import")
     try:
         disk_size = -(-size // SECTOR) * SECTOR
         fidx = vol.create_file(name, disk_size, incomplete=True)
         try:
-            buf = bytearray(CHUNK)
-            mv = memoryview(buf)
-            done = 0
-            for off, length in data_extents(fd, 0, size):
-                pos = off
-                while pos < off + length:
-                    n = min(CHUNK, off + length - pos)
-                    _read_full(fd, mv[:n], pos)
-                    sg = _nonzero_runs(mv[:n], pos)
-                    if sg:  # the disk is incomplete: one commit at the end will do
-                        vol.write_sg(fidx, sg, durable=False)
-                    pos += n
-                    done += n
-                    if progress:
-                        progress(pos, size)
+            bufs = [memoryview(bytearray(CHUNK)), memoryview(bytearray(CHUNK))]
+            chunks = _chunks(fd, size)
+
+            def read(i: int, where: tuple[int, int] | None):
+                if where is not None:
+                    _read_full(fd, bufs[i][:where[1]], where[0])
+                return where
+
+            ahead = pool.submit(read, 0, next(chunks, None))
+            i = 0
+            while (where := ahead.result()) is not None:
+                ahead = pool.submit(read, i ^ 1, next(chunks, None))
+                pos, n = where
+                sg = _nonzero_runs(bufs[i][:n], pos)
+                if sg:  # the disk is incomplete: one commit at the end will do
+                    vol.write_sg(fidx, sg, durable=False)
+                if progress:
+                    progress(pos + n, size)
+                i ^= 1
             vol.mark_complete(fidx)
         except BaseException:
             try:
@@ -132,6 +149,7 @@ def import_raw(vol: Volume, raw: str, name: str, progress: Progress | None = Non
             progress(size, size)
         return disk_size
     finally:
+        pool.shutdown(wait=True)
         os.close(fd)
 
 
