@@ -83,6 +83,20 @@ class MicroVM(Vmm):
     def initrd(self) -> Any:
         return self.config.initrd
 
+    def snapshot(self, path: "str | os.PathLike") -> dict[str, float]:
+        """Save this paused VM to directory ``path`` (see hvkit.snapshot);
+        returns how long its parts took, in seconds."""
+        from hvkit.snapshot.vmstate import save
+        return save(self, path)
+
+    @classmethod
+    def restore(cls, path: "str | os.PathLike", *, memory: str = "cow",
+                console: IO[Any] | int | None = None, kvm: "Kvm | None" = None) -> "MicroVM":
+        """A VM made from a snapshot, ready to start(): ``memory`` is "cow"
+        (no copy; clones share the file), "eager" or "lazy" (userfaultfd)."""
+        from hvkit.snapshot.vmstate import restore
+        return restore(path, memory=memory, console=console, kvm=kvm, cls=cls)
+
     def add_nvme(self, disks: "list[BlockBackend]", *, mode: str = "mmio",
                  poll_us: int = 200, slot: int | None = None, **controller_args: Any):
         """Add an NVMe controller with one namespace per disk (BlockBackend).

@@ -44,6 +44,17 @@ class I8042:
         self.pending: int | None = None
         self.resets = 0
 
+    def state(self) -> dict:
+        return {"config": self.config, "output_port": self.output_port,
+                "out": [[b, a] for b, a in self.out], "pending": self.pending}
+
+    def restore(self, state: dict) -> None:
+        self.config = int(state["config"]) & 0xFF
+        self.output_port = int(state["output_port"]) & 0xFF
+        self.out = [(int(b) & 0xFF, bool(a)) for b, a in state["out"]][:64]
+        p = state.get("pending")
+        self.pending = None if p is None else int(p) & 0xFF
+
     def _reply(self, value: int, aux: bool = False) -> None:
         self.out.append((value & 0xFF, aux))
 

@@ -33,6 +33,21 @@ class CmosRtc:
         self.ram[STATUS_D] = D_VRT
         self.offset = 0.0
 
+    def state(self) -> dict:
+        """Registers and the offset from host time the guest set (the
+        clock itself follows the host, as a real RTC keeps running)."""
+        return {"index": self.index, "nmi_disabled": self.nmi_disabled,
+                "ram": self.ram.hex(), "offset": self.offset}
+
+    def restore(self, state: dict) -> None:
+        ram = bytes.fromhex(state["ram"])
+        if len(ram) != len(self.ram):
+            raise ValueError(f"CMOS RAM state is {len(ram)} bytes, not {len(self.ram)}")
+        self.ram[:] = ram
+        self.index = int(state["index"]) & 0x7F
+        self.nmi_disabled = bool(state["nmi_disabled"])
+        self.offset = float(state["offset"])
+
     def _time_field(self, reg: int) -> int:
         t = time.gmtime(self.clock() + self.offset)
         values = {SECONDS: t.tm_sec, MINUTES: t.tm_min, HOURS: t.tm_hour,

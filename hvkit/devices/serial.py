@@ -157,6 +157,23 @@ class Serial16550:
             self.closed = True
             self._room.notify_all()
 
+    def state(self) -> dict:
+        """Registers and pending input, for a snapshot (the C transmit path
+        keeps no state of its own beyond what _sync mirrors)."""
+        with self.lock:
+            return {"ier": self.ier, "lcr": self.lcr, "mcr": self.mcr, "lsr": self.lsr,
+                    "scr": self.scr, "dll": self.dll, "dlm": self.dlm, "fcr": self.fcr,
+                    "msr_delta": self.msr_delta, "thr_ipending": self.thr_ipending,
+                    "rx": bytes(self.rx).hex()}
+
+    def restore(self, state: dict) -> None:
+        with self.lock:
+            for name in ("ier", "lcr", "mcr", "lsr", "scr", "dll", "dlm", "fcr", "msr_delta"):
+                setattr(self, name, int(state[name]) & 0xFF)
+            self.thr_ipending = bool(state["thr_ipending"])
+            self.rx = collections.deque(bytes.fromhex(state["rx"]))
+            self._update()
+
     # -- guest side ----------------------------------------------------------
     def read(self, offset: int, size: int) -> bytes:
         if size != 1:

@@ -117,6 +117,15 @@ class Vcpu:
     def set_vcpu_events(self, events: VcpuEvents) -> None:
         self._set("VCPU_EVENTS", events.pack())
 
+    def get_debugregs(self) -> bytes:
+        """kvm_debugregs (db0-3, dr6, dr7, flags) as raw bytes, for snapshots."""
+        return bytes(self._get("DEBUGREGS", SIZES["debugregs"]))
+
+    def set_debugregs(self, data: bytes) -> None:
+        if len(data) != SIZES["debugregs"]:
+            raise ValueError(f"kvm_debugregs is {SIZES['debugregs']} bytes, got {len(data)}")
+        self._set("DEBUGREGS", data)
+
     def get_mp_state(self) -> int:
         return struct.unpack("<I", self._get("MP_STATE", 4))[0]
 

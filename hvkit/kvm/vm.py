@@ -274,6 +274,12 @@ class Vm:
         _native.ioctl_buf(self.fd, IOC["GET_CLOCK"], buf, "KVM_GET_CLOCK")
         return struct.unpack_from("<Q", buf, 0)[0]
 
+    def set_clock(self, ns: int) -> None:
+        """KVM_SET_CLOCK: the kvmclock value (ns) the guest continues from."""
+        buf = bytearray(_native.SIZES["clock_data"])
+        struct.pack_into("<Q", buf, 0, ns)
+        _native.ioctl_buf(self.fd, IOC["SET_CLOCK"], buf, "KVM_SET_CLOCK")
+
     # -- time --------------------------------------------------------------
     def get_tsc_khz(self) -> int:
         """The VM's default TSC frequency (KVM_CAP_VM_TSC_CONTROL hosts)."""

@@ -21,7 +21,7 @@ HUGE_PAGE_SIZE = 2 << 20
 MFD_HUGETLB = 0x0004
 MFD_HUGE_2MB = 21 << 26
 
-BACKINGS = ("memfd", "anonymous")
+BACKINGS = ("memfd", "anonymous", "file")
 
 
 @dataclass
@@ -30,7 +30,9 @@ class MemoryRegion:
 
     ``backing="memfd"`` is shareable with other processes (map ``fd``) but
     KSM never merges it; ``backing="anonymous"`` is private to this process,
-    cannot be shared, and is the only kind KSM can merge.
+    cannot be shared, and is the only kind KSM can merge; ``backing="file"``
+    maps ``source`` (from ``source_offset``) private: copy-on-write RAM that
+    starts as the file's contents (a snapshot restored without copying).
     """
 
     gpa: int
@@ -39,6 +41,8 @@ class MemoryRegion:
     hugepages: bool = False
     name: str = "ram"
     read_only: bool = False
+    source: str | None = None
+    source_offset: int = 0
     fd: int = -1
     mapping: mmap.mmap | None = field(default=None, repr=False)
     _hva: int = field(default=0, repr=False)
@@ -88,6 +92,21 @@ class MemoryRegion:
                 raise ConfigError(
                     f"memory region {self.name!r}: cannot allocate "
                     f"{self.size} bytes: {exc.strerror}{hint}") from exc
+        elif self.backing == "file":
+            if self.source is None or self.hugepages:
+                raise ConfigError(f"memory region {self.name!r}: file backing needs a "
+                                  "source file and no huge pages")
+            try:
+                fd = os.open(self.source, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    self.mapping = mmap.mmap(fd, self.size, mmap.MAP_PRIVATE,
+                                             mmap.PROT_READ | mmap.PROT_WRITE,
+                                             offset=self.source_offset)
+                finally:
+                    os.close(fd)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"memory region {self.name!r}: cannot map "
+                                  f"{self.source} at {self.source_offset:#x}: {exc}") from None
         else:
             if self.hugepages:
                 raise ConfigError(

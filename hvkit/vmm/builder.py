@@ -167,12 +167,15 @@ def create_vcpus(vmm: Vmm) -> "HostProfile":
 # -- everything ---------------------------------------------------------------------
 def build(config: VmConfig, *, kvm: "Kvm | None" = None,
           console: IO[Any] | int | None = None, loader: Loader | None = None,
-          into: Vmm | None = None) -> Vmm:
+          into: Vmm | None = None, guest_memory: GuestMemory | None = None,
+          restore: Callable[[Vmm], None] | None = None) -> Vmm:
     """Build the VM ``config`` describes; it is ready to ``start()``.
 
     ``loader`` replaces hvkit's own loading for a config with no guest or
     kernel (a VMM author's image); ``into`` fills a Vmm (or subclass) the
-    caller made with ``Vmm(config, kvm)`` instead of a new one."""
+    caller made with ``Vmm(config, kvm)`` instead of a new one. A snapshot
+    restore gives its own ``guest_memory`` (the build owns it from then on)
+    and a ``restore`` that sets every vCPU and device in place of loading."""
     from hvkit.vmm import loaders
     if not isinstance(config, VmConfig):
         raise ConfigError(f"build() takes a VmConfig, not {type(config).__name__}")
@@ -181,7 +184,8 @@ def build(config: VmConfig, *, kvm: "Kvm | None" = None,
     if loader is not None and not callable(loader):
         raise ConfigError(f"loader {loader!r} is not callable")
     # Bad images are refused before any KVM object exists.
-    image = loaders.read_guest(config) if config.guest is not None else None
+    image = loaders.read_guest(config) if config.guest is not None and restore is None \
+        else None
     vmm = into if into is not None else Vmm(config, kvm)
     timings = vmm.timings
     try:
@@ -189,7 +193,8 @@ def build(config: VmConfig, *, kvm: "Kvm | None" = None,
             vmm.kvm = kvm or default_kvm()
         t = time.perf_counter()
         attach_console(vmm, console)
-        vmm.memory = build_memory(config)
+        vmm.memory = guest_memory if guest_memory is not None else build_memory(config)
+        guest_memory = None
         t = _lap(timings, "memory", t)
         vmm.vm = create_vm(vmm.kvm, vmm.memory, config)
         t = _lap(timings, "vm", t)
@@ -197,7 +202,9 @@ def build(config: VmConfig, *, kvm: "Kvm | None" = None,
         t = _lap(timings, "platform", t)
         profile = create_vcpus(vmm)
         t = _lap(timings, "vcpus", t)
-        if image is not None:
+        if restore is not None:
+            restore(vmm)
+        elif image is not None:
             loaders.load_freestanding(vmm, image)
         elif config.is_linux:
             loaders.load_kernel(vmm, profile)
@@ -205,6 +212,8 @@ def build(config: VmConfig, *, kvm: "Kvm | None" = None,
             loaders.load_custom(vmm, loader)
         _lap(timings, "load", t)
     except BaseException:
+        if guest_memory is not None:
+            guest_memory.close()
         vmm.close()
         raise
     return vmm
