@@ -108,6 +108,96 @@ class MicroVM(Vmm):
         self.attach(att)
         return att.ctrl
 
+    # -- virtio ----------------------------------------------------------------
+    def _add_virtio(self, device: Any, transport: str, slot: int | None) -> Any:
+        from hvkit.platform.virtio import VirtioAttachment
+        try:
+            att = VirtioAttachment(device, transport, slot)
+        except BaseException:
+            device.close()
+            raise
+        self.attach(att)                  # on failure the attachment closes the device
+        return device
+
+    def add_virtio_blk(self, backend: "BlockBackend | str | os.PathLike", *,
+                       transport: str = "pci", read_only: bool | None = None,
+                       serial: str = "", slot: int | None = None):
+        """Add a virtio-blk disk: a BlockBackend, or the path of a raw image
+        (opened here, O_DIRECT where the file system allows; the VM closes
+        it). ``transport`` is "pci" or "mmio". Returns the VirtioBlk."""
+        from hvkit.devices.virtio.blk import VirtioBlk, default_serial
+        from hvkit.storage.backend import BlockBackend
+        owned = None
+        if not isinstance(backend, BlockBackend):
+            if not isinstance(backend, (str, os.PathLike)):
+                raise ConfigError(f"virtio-blk: {backend!r} is neither a BlockBackend nor a path")
+            path = os.fspath(backend)
+            if not os.path.isfile(path):
+                raise ConfigError(f"virtio-blk: disk image {path!r} does not exist "
+                                  f"or is not a file")
+            from hvkit.storage.raw import RawFileBackend
+            try:
+                owned = backend = RawFileBackend(path, read_only=bool(read_only))
+            except OSError as exc:
+                raise ConfigError(f"virtio-blk: {exc}") from None
+            serial = serial or default_serial(path)
+        try:
+            device = VirtioBlk(self.memory, backend, serial=serial, read_only=read_only,
+                               close_backend=owned is not None)
+        except BaseException:
+            if owned is not None:
+                owned.close()
+            raise
+        return self._add_virtio(device, transport, slot)
+
+    def add_virtio_rng(self, *, transport: str = "pci", slot: int | None = None):
+        """Add a virtio-rng fed by the host's getrandom(2). Returns the VirtioRng."""
+        from hvkit.devices.virtio.rng import VirtioRng
+        return self._add_virtio(VirtioRng(self.memory), transport, slot)
+
+    def add_virtio_console(self, *, transport: str = "pci", slot: int | None = None,
+                           sink: Any = None, feed_fd: int | None = None):
+        """Add a virtio-console: the guest's output goes to ``sink(bytes)``
+        (or is kept in ``.output``), ``send_input()`` or ``feed_fd`` types
+        into it. Returns the VirtioConsole."""
+        from hvkit.devices.virtio.console import VirtioConsole
+        return self._add_virtio(VirtioConsole(self.memory, sink=sink, feed_fd=feed_fd),
+                                transport, slot)
+
+    def add_virtio_vsock(self, guest_cid: int, uds_path: "str | os.PathLike", *,
+                         transport: str = "pci", slot: int | None = None):
+        """Add a virtio-vsock with Firecracker's host side: the guest's
+        connections to port P reach ``<uds_path>_P``; host processes connect
+        to ``uds_path`` and write ``CONNECT P\\n``. Returns the VirtioVsock."""
+        from hvkit.devices.virtio.vsock import VirtioVsock
+        return self._add_virtio(VirtioVsock(self.memory, guest_cid, uds_path), transport, slot)
+
+    def add_virtio_net(self, tap: Any = None, *, transport: str = "pci",
+                       slot: int | None = None, mac: str | None = None,
+                       mtu: int | None = None, bridge: str | None = None,
+                       netns: str | None = None, offloads: bool = True):
+        """Add a virtio-net on a tap: None creates one with a free name, a
+        string creates one with that name (an existing interface is refused),
+        a ``hvkit.net.tap.Tap`` is used as is. A tap made here is removed
+        when the VM closes. Returns the VirtioNet (its ``backend`` is the tap)."""
+        from hvkit.devices.virtio.net import VirtioNet
+        from hvkit.net.tap import Tap
+        if tap is None or isinstance(tap, str):
+            tap = Tap.create(tap, mtu=mtu, bridge=bridge, netns=netns)
+            close_backend = True
+        elif hasattr(tap, "fd") and hasattr(tap, "set_offload"):
+            close_backend = False
+        else:
+            raise ConfigError(f"virtio-net: tap {tap!r} is not a name or a Tap")
+        try:
+            device = VirtioNet(self.memory, tap, mac=mac, mtu=mtu, offloads=offloads,
+                               close_backend=close_backend)
+        except BaseException:
+            if close_backend:
+                tap.close()
+            raise
+        return self._add_virtio(device, transport, slot)
+
 
 def run_guest(guest: str, *, timeout: float | None = 30, **kwargs: Any) -> tuple[int | None, bytes]:
     """Boot ``guest`` and return (exit code, console output)."""

@@ -86,6 +86,29 @@ def load_kernel(vmm: "Vmm", profile: "HostProfile") -> None:
     start_vcpus(vmm, entry)
 
 
+#: what x86 Linux keeps of its command line (COMMAND_LINE_SIZE), the NUL included
+LINUX_CMDLINE_MAX = 2048
+
+
+def append_cmdline(vmm: "Vmm", text: str) -> str:
+    """Add ``text`` to the command line of a built Linux VM that has not
+    started, in guest memory too: for devices Linux learns of only from its
+    command line (virtio-mmio). Returns the new command line."""
+    from hvkit.boot.cmdline import write_cmdline
+    from hvkit.errors import GuestLoadError
+    if vmm.linux is None:
+        raise ConfigError("only a Linux guest has a kernel command line to add to")
+    if vmm.state != "created":
+        raise ConfigError("Linux reads its command line at boot: add to it before start()")
+    new = f"{vmm.cmdline} {text}" if vmm.cmdline else text
+    try:
+        write_cmdline(vmm.memory, vmm.linux.cmdline_addr, new, LINUX_CMDLINE_MAX)
+    except GuestLoadError as exc:
+        raise ConfigError(str(exc)) from None
+    vmm.cmdline = new
+    return new
+
+
 def load_custom(vmm: "Vmm", loader: "Callable[[Vmm], EntryState | None] | None") -> None:
     """A VMM author's guest: their loader fills memory and says where to
     start; without one the VM waits for the caller (memory is empty and

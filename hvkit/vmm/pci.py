@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from hvkit.arch.x86 import layout
 from hvkit.devices.irq import CallbackLine
 from hvkit.devices.pci import constants as PCI
 from hvkit.devices.pci.bar import BarAllocator
@@ -39,7 +40,8 @@ class PciPlatform:
         self.bus.add(PciHostBridge(), 0)
         vmm.add_device(vmm.io_bus, PCI.CONFIG_IO_PORT_BASE, PCI.CONFIG_IO_PORT_LEN,
                        PciConfigIo(self.bus), "pci-config")
-        self.bars = BarAllocator()
+        # BARs stay below the virtio-mmio windows (hvkit.arch.x86.layout)
+        self.bars = BarAllocator(mmio_end=layout.VIRTIO_MMIO_BASE)
         #: (slot, pin, GSI) per function, for the MP table
         self.irqs: list[tuple[int, int, int]] = []
 

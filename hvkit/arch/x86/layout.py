@@ -22,6 +22,17 @@ HIMEM_START = 0x10_0000
 MMIO_HOLE_START = 0xC000_0000
 MMIO_HOLE_END = 0x1_0000_0000
 IOAPIC_ADDR = 0xFEC0_0000
+
+# virtio-mmio windows, one 4 KiB page per device from the base, each on its
+# own edge-triggered ISA pin of the IOAPIC (declared to Linux on the command
+# line). PCI BARs are placed below the base (0xC000_0000-0xD000_0000), PCI
+# INTx uses pins 16-23; the pins here are the ISA ones no hvkit or Linux
+# platform device claims (not 0 timer, 1 keyboard, 3/4 serial, 8 RTC,
+# 12 mouse).
+VIRTIO_MMIO_BASE = 0xD000_0000
+VIRTIO_MMIO_SIZE = 0x1000
+VIRTIO_MMIO_IRQS = (5, 6, 7, 9, 10, 11, 14, 15)
+VIRTIO_MMIO_END = VIRTIO_MMIO_BASE + VIRTIO_MMIO_SIZE * len(VIRTIO_MMIO_IRQS)
 LAPIC_ADDR = 0xFEE0_0000
 
 # I/O ports

@@ -67,8 +67,10 @@ class VirtioBlk(VirtioDevice):
     def __init__(self, mem: GuestMemory, backend: BlockBackend, *, serial: str = "",
                  read_only: bool | None = None, queue_size: int = QUEUE_SIZE,
                  size_max: int = 1 << 20, max_discard_sectors: int = 1 << 22,
-                 max_segments: int = 32, threaded: bool = True) -> None:
+                 max_segments: int = 32, close_backend: bool = False,
+                 threaded: bool = True) -> None:
         self.backend = backend
+        self.close_backend = close_backend
         self.read_only = backend.read_only if read_only is None else read_only or backend.read_only
         self.serial = (serial or "hvkit").encode()[:ID_BYTES]
         self.seg_max = queue_size - 2
@@ -190,7 +192,9 @@ class VirtioBlk(VirtioDevice):
         raise BlkRequestError(S_UNSUPP, f"request type {rtype}")
 
     def on_close(self) -> None:
-        """The backend belongs to the caller; it is not closed here."""
+        """The backend belongs to the caller unless ``close_backend``."""
+        if self.close_backend:
+            self.backend.close()
 
 
 def default_serial(path: str | os.PathLike[str]) -> str:
