@@ -260,6 +260,7 @@ class Journal:
         home = home_generation(self.f, self.geom)
         seen = set(valid) | set(broken)
         top = max(seen | {home, self.start_seq - 1})
+        newest = max(seen, default=0)  # a later record means this one was committed
         # with a journal superblock lost, the one left may be older: the
         # transactions it still points at may have been overwritten by a
         # later lap after being checkpointed, so gaps below the oldest one
@@ -273,7 +274,7 @@ class Journal:
             if seq in valid:
                 txns.append(valid[seq])
                 continue
-            committed = seq <= home or any(s > seq for s in seen)
+            committed = seq <= home or seq < newest
             b = broken.get(seq)
             if not committed:
                 stopped = b.why if b else ""
