@@ -9,7 +9,9 @@ operation and then keeps a random, reordered, possibly torn subset of the
 unflushed writes. After each: ``check`` must be clean, every acknowledged
 array must read back exactly, and each element of the unacknowledged
 array must read back, sector by sector, as old or new data: never as
-stale or foreign bytes. New blocks of an unacknowledged array are all or
+stale or foreign bytes. ``flip_trial``: a SIGKILL trial followed by one
+flipped bit in the journal ring: the volume reads back every acknowledged
+array, or refuses to open and ``check`` reports the damage. New blocks of an unacknowledged array are all or
 nothing per transaction; overwrites of mapped blocks go straight to their
 place (they need no transaction), so an interrupted array can be partly
 applied, as in any ordered-mode file system.
@@ -23,9 +25,10 @@ import struct
 import time
 from dataclasses import dataclass
 
+from hvkit.storage.backend import StorageError
 from hvkit.storage.check import check_volume
 from hvkit.storage.faults import SECTOR, CrashSimFile, SimulatedCrash
-from hvkit.storage.superblock import Geometry
+from hvkit.storage.superblock import JOURNAL_START, Geometry
 from hvkit.storage.volume import Volume
 
 DISK = "crash"
@@ -108,13 +111,11 @@ def _child(path: str, arrays, wfd: int) -> None:
         os._exit(3)
 
 
-def kill_trial(workdir: str, seed: int, *, max_delay: float = 0.005,
-               n_arrays: int = 400) -> TrialResult:
-    """One SIGKILL trial in a fresh small volume: the child is killed after
-    a random number (1..30) of acknowledged arrays plus a random short wait,
-    so every trial crashes mid-stream however loaded the machine is."""
+def _killed(workdir: str, seed: int, max_delay: float, n_arrays: int, tag: str):
+    """A fresh small volume whose writer was SIGKILLed mid-stream: the path,
+    the arrays, how many were acknowledged, and a failure note (or "")."""
     rng = random.Random(seed)
-    path = os.path.join(workdir, f"kill-{seed}.vol")
+    path = os.path.join(workdir, f"{tag}-{seed}.vol")
     if os.path.exists(path):
         os.unlink(path)
     arrays = make_arrays(seed, n_arrays)
@@ -146,10 +147,48 @@ def kill_trial(workdir: str, seed: int, *, max_delay: float = 0.005,
     os.close(rfd)
     acks = [struct.unpack_from("<I", raw, i)[0] for i in range(0, len(raw) - 3, 4)]
     acked = pre + (acks[-1] + 1 if acks else 0)
-    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 3:
-        return TrialResult(acked, ["child failed before it was killed"], 0)
+    failed = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 3
+    return path, arrays, acked, "child failed before it was killed" if failed else ""
+
+
+def kill_trial(workdir: str, seed: int, *, max_delay: float = 0.005,
+               n_arrays: int = 400) -> TrialResult:
+    """One SIGKILL trial in a fresh small volume: the child is killed after
+    a random number (1..30) of acknowledged arrays plus a random short wait,
+    so every trial crashes mid-stream however loaded the machine is."""
+    path, arrays, acked, failed = _killed(workdir, seed, max_delay, n_arrays, "kill")
+    if failed:
+        return TrialResult(acked, [failed], 0)
     # a killed pwrite can stop between pages, and an element crossing blocks is
     # several pwrites, so unacknowledged elements are judged sector by sector
+    res = _verify(path, arrays, acked, acked, sector_tear=True)
+    os.unlink(path)
+    return res
+
+
+def flip_trial(workdir: str, seed: int, *, max_delay: float = 0.005,
+               n_arrays: int = 400) -> TrialResult:
+    """A SIGKILL trial, then one flipped bit in the journal ring: the volume
+    must either read back every acknowledged array or refuse to open with
+    ``check`` reporting the damage; wrong data is never served silently."""
+    path, arrays, acked, failed = _killed(workdir, seed, max_delay, n_arrays, "flip")
+    if failed:
+        return TrialResult(acked, [failed], 0)
+    rng = random.Random(seed ^ 0x5EED)
+    geom = small_geometry()
+    bit = rng.randrange(geom.journal_blocks * 4096 * 8)
+    with open(path, "r+b") as fh:
+        fh.seek(JOURNAL_START * 4096 + bit // 8)
+        b = fh.read(1)[0]
+        fh.seek(JOURNAL_START * 4096 + bit // 8)
+        fh.write(bytes([b ^ (1 << bit % 8)]))
+    try:
+        Volume.open(path).close()
+    except StorageError:
+        rep = check_volume(path)
+        os.unlink(path)
+        return TrialResult(acked, [] if not rep.clean else
+                           ["open refused, yet check says clean"], 0)
     res = _verify(path, arrays, acked, acked, sector_tear=True)
     os.unlink(path)
     return res

@@ -1,8 +1,9 @@
 """Longer crash-consistency run for block-file volumes.
 
-    python tests/stress/blockfile_crash.py [--kills 2000] [--cuts 2000] [--seed 0]
+    python tests/stress/blockfile_crash.py [--kills 2000] [--cuts 2000] [--flips 500] [--seed 0]
 
-Runs SIGKILL trials and simulated power cuts (torn and reordered writes)
+Runs SIGKILL trials, simulated power cuts (torn and reordered writes) and
+SIGKILL trials with a flipped bit in the journal
 from ``hvkit.storage.crashtest``; prints progress and a JSON summary, and
 exits non-zero on the first trial that leaves an inconsistency.
 """
@@ -15,28 +16,34 @@ import sys
 import tempfile
 import time
 
-from hvkit.storage.crashtest import kill_trial, power_cut_trial
+from hvkit.storage.crashtest import flip_trial, kill_trial, power_cut_trial
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kills", type=int, default=2000)
     ap.add_argument("--cuts", type=int, default=2000)
+    ap.add_argument("--flips", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-delay", type=float, default=0.005,
                     help="longest wait after the chosen acknowledgement before the "
                          "SIGKILL, seconds")
     args = ap.parse_args()
-    summary = {"kill_trials": 0, "power_cut_trials": 0, "acknowledged_arrays": 0,
+    summary = {"kill_trials": 0, "power_cut_trials": 0, "flip_trials": 0,
+               "acknowledged_arrays": 0,
                "trials_with_replay": 0, "failures": []}
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="hvkit-crash-") as d:
         plan = [("kill", args.seed + i) for i in range(args.kills)]
         plan += [("cut", args.seed + 10**6 + i) for i in range(args.cuts)]
+        plan += [("flip", args.seed + 2 * 10**6 + i) for i in range(args.flips)]
         for n, (kind, seed) in enumerate(plan, 1):
             if kind == "kill":
                 r = kill_trial(d, seed, max_delay=args.max_delay)
                 summary["kill_trials"] += 1
+            elif kind == "flip":
+                r = flip_trial(d, seed, max_delay=args.max_delay)
+                summary["flip_trials"] += 1
             else:
                 r = power_cut_trial(d, seed, tear=seed % 2 == 0)
                 summary["power_cut_trials"] += 1

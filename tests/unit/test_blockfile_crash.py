@@ -1,10 +1,11 @@
-"""Crash consistency: 200 SIGKILL trials and simulated power cuts with torn
-and reordered writes (more in tests/stress/blockfile_crash.py)."""
+"""Crash consistency: 200 SIGKILL trials, simulated power cuts with torn
+and reordered writes, and SIGKILL trials with a flipped bit in the journal
+(more in tests/stress/blockfile_crash.py)."""
 from __future__ import annotations
 
 import pytest
 
-from hvkit.storage.crashtest import kill_trial, power_cut_trial
+from hvkit.storage.crashtest import flip_trial, kill_trial, power_cut_trial
 
 KILL_TRIALS = 200
 
@@ -25,3 +26,9 @@ def test_power_cut_trials(tmp_path, tear):
     bad = [(i, r.problems) for i, r in enumerate(results) if r.problems]
     assert not bad, bad[:3]
     assert sum(r.acked for r in results) > 60
+
+
+def test_a_flipped_bit_in_the_journal_after_sigkill_never_serves_wrong_data(tmp_path):
+    results = [flip_trial(str(tmp_path), 5000 + seed) for seed in range(40)]
+    bad = [(i, r.problems) for i, r in enumerate(results) if r.problems]
+    assert not bad, bad[:3]
