@@ -21,8 +21,9 @@ from typing import Callable, Iterator
 from hvkit.errors import HvkitError
 from hvkit.storage.volume import Volume
 
-#: bytes read from the raw image per batched write
-CHUNK = 16 << 20
+#: bytes read from the raw image per batched write: small enough that what
+#: was read is still in the CPU cache when it is written
+CHUNK = 2 << 20
 #: granularity of zero detection inside a block
 PIECE = 64 << 10
 SECTOR = 512
