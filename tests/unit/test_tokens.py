@@ -8,7 +8,7 @@ import pytest
 from hypothesis import assume, given, settings, strategies as st
 
 from hvkit.storage.backend import BlockBackend
-from hvkit.storage.guard import AccessDenied, StoragePart
+from hvkit.storage.guard import AccessDenied
 from hvkit.storage.superblock import Geometry
 from hvkit.storage.tokens import EpochTable, IOControl, Token, TokenError, make_io_pair
 from hvkit.storage.vdisk import VirtualDisk
