@@ -12,7 +12,6 @@ copy, and removes descriptors that fail their checksum.
 """
 from __future__ import annotations
 
-import os
 import struct
 import time
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from typing import Callable
 from hvkit.storage import blockmap as bm
 from hvkit.storage import metablock as mb
 from hvkit.storage.backend import StorageError
-from hvkit.storage.hostfile import HostFile
+from hvkit.storage.hostfile import HostFile, data_extents
 from hvkit.storage.journal import (Journal, JournalError, _jsb_block, max_generation,
                                    read_jsb, reset_journal)
 from hvkit.storage.superblock import (BITS_PER_BITMAP_BLOCK, JOURNAL_START, JSB_A, JSB_B,
@@ -535,19 +534,15 @@ class _Checker:
             return True
 
     def holds_data(self, res: int, unit: int) -> bool:
+        """Whether a unit holds any non-zero byte (holes are skipped)."""
         g = self.geom
         off = g.block_offset(unit) if res == RES_BLOCK else g.sub_block_offset(unit)
         length = g.block_size if res == RES_BLOCK else g.sub_block_size
-        try:
-            start = os.lseek(self.f.fd, off, os.SEEK_DATA)
-        except OSError:
-            return False  # nothing but holes from here on
-        if start >= off + length:
-            return False
-        for pos in range(off, off + length, 1 << 20):
-            chunk = self.f.pread(pos, min(1 << 20, off + length - pos))
-            if chunk.count(0) != len(chunk):
-                return True
+        for start, n in data_extents(self.f.fd, off, off + length):
+            for pos in range(start, start + n, 1 << 20):
+                chunk = self.f.pread(pos, min(1 << 20, start + n - pos))
+                if chunk.count(0) != len(chunk):
+                    return True
         return False
 
     def truncation(self, refs) -> None:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 import stat
 from dataclasses import dataclass, fields
+from typing import Iterator
 
 from hvkit.storage.backend import StorageError
 from hvkit.storage.locking import lock_volume
@@ -23,6 +25,25 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
+
+
+def data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) of the runs in [start, end) of the file open as
+    ``fd`` that may hold data: holes are skipped with SEEK_DATA/SEEK_HOLE
+    (everything counts as data where the file system cannot tell)."""
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # ENXIO: only a hole is left
+                yield pos, end - pos
+            return
+        if data >= end:
+            return
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        yield data, hole - data
+        pos = hole
 
 
 @dataclass

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
 from hvkit.errors import HvkitError
+from hvkit.storage.hostfile import data_extents
 from hvkit.storage.volume import Volume
 
 #: bytes read from the raw image per batched write: small enough that what
@@ -30,24 +31,6 @@ SECTOR = 512
 
 Progress = Callable[[int, int], None]
 _ZERO = bytes(PIECE)
-
-
-def data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
-    """(offset, length) of the runs in [start, end) that may hold data."""
-    pos = start
-    while pos < end:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:
-                return  # only a hole is left
-            yield pos, end - pos  # no SEEK_DATA here: everything may be data
-            return
-        if data >= end:
-            return
-        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
-        yield data, hole - data
-        pos = hole
 
 
 def _open_source(path: str) -> tuple[int, int]:

@@ -27,14 +27,13 @@ start, freeing the ring.
 """
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from hvkit.storage import metablock as mb
 from hvkit.storage.backend import StorageError
-from hvkit.storage.hostfile import HostFile
+from hvkit.storage.hostfile import HostFile, data_extents
 from hvkit.storage.superblock import JOURNAL_START, JSB_A, JSB_B, Geometry
 
 _JSB = struct.Struct("<QQI")          # generation, start_seq, start_off
@@ -160,22 +159,16 @@ def max_generation(f: HostFile, geom: Geometry) -> int:
     blocks included), reading only the allocated parts of the region."""
     lo, hi = geom.bitmap_start(0) * mb.META, geom.meta_end * mb.META
     best = 0
-    pos = lo
-    while pos < hi:
-        try:
-            start = os.lseek(f.fd, pos, os.SEEK_DATA)
-            end = min(os.lseek(f.fd, start, os.SEEK_HOLE), hi)
-        except OSError:  # ENXIO: no data past pos
-            break
+    for start, length in data_extents(f.fd, lo, hi):
         start -= start % mb.META
-        for off in range(start, end, 1 << 20):
-            raw = f.pread(off, min(1 << 20, end - off))
+        end = start + length + mb.META
+        for off in range(start, min(end, hi), 1 << 20):
+            raw = f.pread(off, min(1 << 20, hi - off, end - off))
             for i in range(0, len(raw) - mb.META + 1, mb.META):
                 bno = (off + i) // mb.META
                 buf = raw[i:i + mb.META]
-                if bno < geom.meta_end and mb.is_sound(buf, _kind_at(geom, bno), bno):
+                if mb.is_sound(buf, _kind_at(geom, bno), bno):
                     best = max(best, mb.header(buf)[6])
-        pos = max(end, start + mb.META)
     return best
 
 
@@ -202,18 +195,18 @@ class Journal:
     def _read_ring(self, off: int, n: int) -> bytes:
         return self.f.pread((JOURNAL_START + off) * mb.META, n * mb.META)
 
-    def _parse(self, ring: bytes, off: int, seq: int, n: int,
-               hdr: bytes) -> JournalTxn | _Broken:
+    def _parse(self, off: int, seq: int, n: int, hdr: bytes) -> JournalTxn | _Broken:
         """A whole transaction at ring offset ``off``, or what is left of it."""
         M = mb.META
         if not 1 <= n <= MAX_IMAGES or off + n + 2 > self.ring_len:
             return _Broken(off, f"transaction {seq}: bad image count {n}", [], None)
+        body = self._read_ring(off + 1, n + 1)
         lo, hi = self.geom.bitmap_start(0), self.geom.meta_end
         images: list[tuple[int, bytes]] = []
         bad: list[int] = []
         for i in range(n):
             target, crc, _ = _JENTRY.unpack_from(hdr, mb.HDR + _JHDR.size + i * _JENTRY.size)
-            img = ring[(off + 1 + i) * M:(off + 2 + i) * M]
+            img = body[i * M:(i + 1) * M]
             if not lo <= target < hi:
                 return _Broken(off, f"transaction {seq}: image {i} targets block "
                                f"{target}, outside the metadata", [], None)
@@ -222,13 +215,13 @@ class Journal:
                 bad.append(target)
             else:
                 images.append((target, img))
-        commit = ring[(off + n + 1) * M:(off + n + 2) * M]
+        commit = body[n * M:(n + 1) * M]
         why = ""
         if not mb.is_sound(commit, mb.KIND_JCOMMIT, JOURNAL_START + off + n + 1):
             why = f"transaction {seq}: torn (commit block missing or bad)"
         else:
             cseq, cn, ccrc = _JCOMMIT.unpack_from(commit, mb.HDR)
-            total = mb.crc32c(ring[(off + 1) * M:(off + 1 + n) * M], mb.crc32c(hdr))
+            total = mb.crc32c(body[:n * M], mb.crc32c(hdr))
             if cseq != seq or cn != n or ccrc != total:
                 why = f"transaction {seq}: torn (commit does not match body)"
         if bad:
@@ -237,22 +230,36 @@ class Journal:
             return _Broken(off, why, images, bad)
         return JournalTxn(seq, off, images)
 
+    def _headers(self) -> Iterator[tuple[int, bytes]]:
+        """(ring offset, block) of every sound transaction header, reading
+        the ring a window at a time and skipping its holes."""
+        M = mb.META
+        tag = struct.pack("<IH", mb.MAGIC, mb.KIND_JHEADER)
+        base = JOURNAL_START * M
+        end = base + self.ring_len * M
+        for start, length in data_extents(self.f.fd, base, end):
+            first, last = (start - base) // M, -(-(start + length - base) // M)
+            for w in range(first, last, 256):
+                n = min(256, last - w)
+                raw = self._read_ring(w, n)
+                for i in range(n):
+                    if raw[i * M:i * M + 6] != tag:
+                        continue  # not a header: no need to checksum it
+                    hdr = raw[i * M:(i + 1) * M]
+                    if mb.is_sound(hdr, mb.KIND_JHEADER, JOURNAL_START + w + i):
+                        yield w + i, hdr
+
     def scan(self) -> ScanResult:
         """Decide what replay applies: see the module docstring."""
-        ring = self._read_ring(0, self.ring_len)
         valid: dict[int, JournalTxn] = {}
         broken: dict[int, _Broken] = {}
-        tag = struct.pack("<IH", mb.MAGIC, mb.KIND_JHEADER)
-        for off in range(self.ring_len - 1):
-            if ring[off * mb.META:off * mb.META + 6] != tag:
-                continue  # not a header: no need to checksum it
-            hdr = ring[off * mb.META:(off + 1) * mb.META]
-            if not mb.is_sound(hdr, mb.KIND_JHEADER, JOURNAL_START + off):
+        for off, hdr in self._headers():
+            if off >= self.ring_len - 1:
                 continue
             seq, n, _ = _JHDR.unpack_from(hdr, mb.HDR)
             if seq < self.start_seq:
                 continue  # checkpointed: at home already
-            got = self._parse(ring, off, seq, n, hdr)
+            got = self._parse(off, seq, n, hdr)
             if isinstance(got, JournalTxn):
                 valid.setdefault(seq, got)
             else:
