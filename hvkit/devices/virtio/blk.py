@@ -2,13 +2,7 @@
 
 One request queue, served on the device's worker thread. Data moves
 between the backend and guest RAM through memoryviews of the request's
-buffers (no bounce through Python bytes). A backend that does direct I/O
-(O_DIRECT) gets an aligned host buffer in between instead (``bounce``):
-direct I/O pins the pages it transfers, and on PVM-based nested KVM hosts
-pinning guest RAM makes the running guest read zeros from other pages
-near it for a moment (measured: a virtqueue's used index read back as 0
-while a read was in flight), which no driver survives. One memcpy per
-request is cheap next to that. Every request is checked: the
+buffers (no bounce through Python bytes). Every request is checked: the
 header and status byte must be there, lengths are whole 512-byte sectors,
 ranges lie inside the disk, writes to a read-only disk fail; a bad request
 gets VIRTIO_BLK_S_IOERR, an unknown one VIRTIO_BLK_S_UNSUPP.
@@ -16,7 +10,6 @@ gets VIRTIO_BLK_S_IOERR, an unknown one VIRTIO_BLK_S_UNSUPP.
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import struct
 
@@ -75,13 +68,9 @@ class VirtioBlk(VirtioDevice):
                  read_only: bool | None = None, queue_size: int = QUEUE_SIZE,
                  size_max: int = 1 << 20, max_discard_sectors: int = 1 << 22,
                  max_segments: int = 32, close_backend: bool = False,
-                 bounce: bool | None = None, threaded: bool = True) -> None:
+                 threaded: bool = True) -> None:
         self.backend = backend
         self.close_backend = close_backend
-        if bounce is None:
-            bounce = bool(getattr(backend, "direct", False))
-        #: an aligned host buffer between direct I/O and guest RAM (see above)
-        self._bounce = mmap.mmap(-1, max(size_max, 1 << 16)) if bounce else None
         self.read_only = backend.read_only if read_only is None else read_only or backend.read_only
         self.serial = (serial or "hvkit").encode()[:ID_BYTES]
         self.seg_max = queue_size - 2
@@ -152,7 +141,7 @@ class VirtioBlk(VirtioDevice):
         if rtype == T_IN:
             offset = self._range(sector, out_len)
             for view in data_out:
-                self._read(offset, view)
+                backend.readinto(offset, view)
                 offset += len(view)
             return out_len
         if rtype == T_OUT:
@@ -161,7 +150,7 @@ class VirtioBlk(VirtioDevice):
                 raise BlkRequestError(S_IOERR, "write to a read-only disk")
             offset = self._range(sector, sum(len(v) for v in data))
             for view in data:
-                self._write(offset, view)
+                backend.write(offset, view)
                 offset += len(view)
             return 0
         if rtype == T_FLUSH:
@@ -202,40 +191,8 @@ class VirtioBlk(VirtioDevice):
             return 0
         raise BlkRequestError(S_UNSUPP, f"request type {rtype}")
 
-    def _read(self, offset: int, view: memoryview) -> None:
-        if self._bounce is None:
-            self.backend.readinto(offset, view)
-            return
-        buf = memoryview(self._bounce)
-        try:
-            pos, n = 0, len(view)
-            while pos < n:
-                k = min(n - pos, len(buf))
-                self.backend.readinto(offset + pos, buf[:k])
-                view[pos:pos + k] = buf[:k]
-                pos += k
-        finally:
-            buf.release()
-
-    def _write(self, offset: int, view: memoryview) -> None:
-        if self._bounce is None:
-            self.backend.write(offset, view)
-            return
-        buf = memoryview(self._bounce)
-        try:
-            pos, n = 0, len(view)
-            while pos < n:
-                k = min(n - pos, len(buf))
-                buf[:k] = view[pos:pos + k]
-                self.backend.write(offset + pos, buf[:k])
-                pos += k
-        finally:
-            buf.release()
-
     def on_close(self) -> None:
         """The backend belongs to the caller unless ``close_backend``."""
-        if self._bounce is not None:
-            self._bounce.close()
         if self.close_backend:
             self.backend.close()
 
