@@ -1,0 +1,262 @@
+"""virtio-blk: 4 KiB random read IOPS from the freestanding driver at QD1 and
+QD32, over virtio-pci and virtio-mmio, against fio on the host reading the
+same file (the ceiling) and hvkit's NVMe in shadow-doorbell mode, in one run.
+
+    python benchmarks/virtio_blk.py [--ios 4096] [--qd 1 32] [--repeat 3]
+
+The guest (guests/virtio_blk.c, bench=1) writes N/2 random pages, then reads
+them back at the queue depth, checking every read; the read phase is what
+is reported (its TSC time, per-read latencies), with the guest's queue
+notifications and KVM's exits per read. The NVMe guest (guests/nvme.c)
+does the same pages the same way. fio runs a 4 KiB io_uring random-read
+job over the same range of the same file, O_DIRECT when the disk is
+(as hvkit's raw backend opens it where the file system allows). fio is
+required: without it the benchmark says so and exits 2.
+
+Every scenario runs --repeat times (at least 3); the JSON gives each run and
+the median, min and max, the ratios of the medians to fio, and the load
+(os.getloadavg() before and after each run, the CPUs' busy share from
+/proc/stat). Run it against an installed hvkit (``pip install .``); the
+source tree is not put on sys.path.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+import hvkit
+from hvkit.machine import MicroVM
+from hvkit.storage.raw import RawFileBackend
+
+HC_BLK_RESULT, HC_BLK_START = 0x1400, 0x1401
+HC_NVME_RESULT, HC_NVME_START = 0x1200, 0x1201
+PAGES = 16384                  # the range used, in 4 KiB pages (64 MiB)
+
+
+def cpu_times() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return sum(fields[:8]) - idle, sum(fields[:8])
+
+
+class Load:
+    """Load average and the CPUs' busy share over a block."""
+
+    def __enter__(self) -> "Load":
+        self.t0, self.avg0 = cpu_times(), os.getloadavg()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        b1, t1 = cpu_times()
+        self.busy = round((b1 - self.t0[0]) / max(t1 - self.t0[1], 1), 3)
+        self.avg1 = os.getloadavg()
+
+    def record(self) -> dict:
+        return {"cpu_busy": self.busy,
+                "loadavg": [[round(x, 2) for x in self.avg0], [round(x, 2) for x in self.avg1]]}
+
+
+def tsc_hz() -> float:
+    from hvkit.kvm import Kvm
+    with Kvm() as kvm:
+        vm = kvm.create_vm()
+        try:
+            return vm.create_vcpu(0).get_tsc_khz() * 1000.0
+        finally:
+            vm.close()
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+
+def run_guest(kind: str, qd: int, ios: int, disk: str, hz: float, direct: bool) -> dict:
+    """One guest run: kind is "virtio-pci", "virtio-mmio" or "nvme-shadow"."""
+    backend = RawFileBackend(disk, direct=direct)
+    nvme = kind == "nvme-shadow"
+    if nvme:
+        vm = MicroVM("nvme", memory="256M",
+                     args=f"bench=1 ios={ios} qd={qd} shadow=1 lbas={PAGES}")
+        start_nr, result_nr = HC_NVME_START, HC_NVME_RESULT
+    else:
+        mmio = int(kind == "virtio-mmio")
+        vm = MicroVM("virtio_blk", memory="256M",
+                     args=f"bench=1 ios={ios} qd={qd} mmio={mmio} lbas={PAGES}")
+        start_nr, result_nr = HC_BLK_START, HC_BLK_RESULT
+    marks: dict[str, object] = {}
+
+    def start(call):
+        marks["start"] = vm.kvm_exits()
+        return 0
+
+    def result(call):
+        marks["end"] = vm.kvm_exits()
+        a = call.args
+        if nvme:
+            n, _q, cycles, wcycles, lat_addr, nlat = a
+            notifies = None
+        else:
+            n, cycles, wcycles, notifies, lat_addr, nlat = a[0] & 0xFFFFFFFF, *a[1:]
+        lat = struct.unpack(f"<{nlat}Q", vm.memory.read(lat_addr, 8 * nlat))
+        marks["result"] = (n, cycles, wcycles, notifies, lat)
+        return 0
+
+    vm.hypercalls.register(start_nr, start, f"{kind}-bench-start")
+    vm.hypercalls.register(result_nr, result, f"{kind}-bench-result")
+    try:
+        if nvme:
+            vm.add_nvme([backend], mode="shadow")
+        else:
+            vm.add_virtio_blk(backend, transport=kind.split("-")[1])
+        with Load() as load:
+            code = vm.run(timeout=900)
+        if code != 0:
+            raise RuntimeError(f"{kind} guest failed: {vm.console_output.decode()[-500:]}")
+        console = vm.console_output.decode()
+    finally:
+        vm.close()
+        backend.close()
+    n, cycles, wcycles, notifies, lat = marks["result"]
+    reads = n - n // 2
+    read_secs = (cycles - wcycles) / hz
+    read_lat = [c / hz * 1e6 for c in lat[n // 2:]]
+    out = {"read_iops": round(reads / read_secs),
+           "write_iops": round((n // 2) / (wcycles / hz)),
+           "lat_us_p50": round(pct(read_lat, 50), 2), "lat_us_p99": round(pct(read_lat, 99), 2),
+           # the result hypercall is an exit itself
+           "kvm_exits_per_io": round(max(marks["end"] - marks["start"] - 1, 0) / n, 3),
+           "load": load.record()}
+    if notifies is not None:
+        out["notifications_per_io"] = round(notifies / n, 3)
+        stale = [line for line in console.splitlines() if "stale reads" in line]
+        if stale:
+            out["guest_report"] = stale[-1]
+    return out
+
+
+def host_fio(path: str, qd: int, seconds: float, direct: bool) -> dict:
+    with Load() as load:
+        out = subprocess.run(
+            ["fio", "--name=ceiling", f"--filename={path}", "--rw=randread", "--bs=4k",
+             f"--iodepth={qd}", "--ioengine=io_uring", f"--direct={int(direct)}",
+             f"--size={PAGES * 4096}", f"--runtime={seconds}", "--time_based",
+             "--output-format=json", "--randrepeat=1", "--norandommap",
+             "--lat_percentiles=1"], capture_output=True, text=True, check=True).stdout
+    side = json.loads(out)["jobs"][0]["read"]
+    lat = side.get("lat_ns", {}).get("percentile") or side["clat_ns"].get("percentile", {})
+    return {"read_iops": round(side["iops"]),
+            "lat_us_p50": round(lat.get("50.000000", 0) / 1e3, 2),
+            "lat_us_p99": round(lat.get("99.000000", 0) / 1e3, 2),
+            "tool": f"fio io_uring randread, {'O_DIRECT' if direct else 'buffered'}",
+            "load": load.record()}
+
+
+def summarise(runs: list[dict]) -> dict:
+    iops = [r["read_iops"] for r in runs]
+    out = {"read_iops_median": round(statistics.median(iops)), "read_iops_min": min(iops),
+           "read_iops_max": max(iops),
+           "lat_us_p50_median": round(statistics.median(r["lat_us_p50"] for r in runs), 2)}
+    for key in ("kvm_exits_per_io", "notifications_per_io"):
+        if key in runs[0]:
+            out[f"{key}_median"] = statistics.median(r[key] for r in runs)
+    return out
+
+
+def fill(path: str, size: int) -> None:
+    """Write every page, so that fio reads allocated blocks, not holes."""
+    chunk = os.urandom(1 << 20)
+    with open(path, "r+b") as f:
+        for off in range(0, size, len(chunk)):
+            f.write(chunk[:min(len(chunk), size - off)])
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def git_revision() -> str | None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        return subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ios", type=int, default=4096)
+    ap.add_argument("--qd", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--repeat", type=int, default=3, help="runs per scenario (at least 3)")
+    ap.add_argument("--scenarios", nargs="+",
+                    default=["virtio-pci", "virtio-mmio", "nvme-shadow", "host-fio"],
+                    choices=["virtio-pci", "virtio-mmio", "nvme-shadow", "host-fio"])
+    ap.add_argument("--disk-mb", type=int, default=128)
+    ap.add_argument("--dir", default="/var/tmp")
+    ap.add_argument("--fio-seconds", type=float, default=2.0)
+    ap.add_argument("--buffered", action="store_true", help="no O_DIRECT (fio follows)")
+    ap.add_argument("-o", "--output", help="write the JSON here as well")
+    a = ap.parse_args()
+    if a.repeat < 3:
+        ap.error("--repeat must be at least 3")
+    if a.disk_mb * 256 < PAGES:
+        ap.error(f"--disk-mb must be at least {PAGES // 256}")
+    if "host-fio" in a.scenarios and shutil.which("fio") is None:
+        print("virtio-blk benchmark: fio is not installed (apt-get install fio); the host "
+              "baseline needs it, and another tool would measure something else. "
+              "Nothing measured.", file=sys.stderr)
+        return 2
+    hz = tsc_hz()
+    tmp = tempfile.mkdtemp(prefix="hvkit-virtio-blk-", dir=a.dir)
+    disk = os.path.join(tmp, "disk.img")
+    probe = RawFileBackend.create(disk, a.disk_mb << 20, direct=not a.buffered)
+    direct = probe.direct
+    probe.close()
+    fill(disk, PAGES * 4096)
+    results: dict[str, dict] = {}
+    started = time.time()
+    try:
+        for qd in a.qd:
+            row: dict[str, dict] = {}
+            for kind in a.scenarios:
+                runs = []
+                for i in range(a.repeat):
+                    print(f"virtio-blk: {kind} qd {qd} run {i + 1}/{a.repeat} "
+                          f"(load {os.getloadavg()[0]:.2f}) ...", file=sys.stderr)
+                    if kind == "host-fio":
+                        runs.append(host_fio(disk, qd, a.fio_seconds, direct))
+                    else:
+                        runs.append(run_guest(kind, qd, a.ios, disk, hz, direct))
+                row[kind] = {"summary": summarise(runs), "runs": runs}
+            if "host-fio" in row:
+                ceiling = row["host-fio"]["summary"]["read_iops_median"]
+                row["ratio_to_host_fio"] = {
+                    k: round(v["summary"]["read_iops_median"] / max(ceiling, 1), 3)
+                    for k, v in row.items() if k != "host-fio"}
+            results[f"qd{qd}"] = row
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    report = {"benchmark": "virtio-blk 4 KiB random read",
+              "hvkit": {"version": getattr(hvkit, "__version__", None),
+                        "path": os.path.dirname(hvkit.__file__), "git": git_revision()},
+              "ios_per_run": a.ios, "pages": PAGES, "direct": direct, "tsc_hz": hz,
+              "cpus": os.cpu_count(), "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+              "seconds": round(time.time() - started, 1), "results": results}
+    text = json.dumps(report, indent=2)
+    print(text)
+    if a.output:
+        with open(a.output, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
