@@ -154,22 +154,56 @@ def process_stat(pid: int | str = "self") -> dict[str, int | str]:
     return out
 
 
+class ScanAnchor:
+    """One private page of this process marked MADV_MERGEABLE.
+
+    ksmd sleeps, and its full_scans counter stands still, while no process
+    has mergeable memory; holding an anchor guarantees it has something to
+    scan, so a wait for full scans always ends where KSM runs."""
+
+    def __init__(self) -> None:
+        self._map: mmap.mmap | None = mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE
+                                                | mmap.MAP_ANONYMOUS)
+        self._map[:8] = os.urandom(8)      # present, and unlike any other page
+        try:
+            madvise(self._map, 0, PAGE_SIZE, MADV_MERGEABLE)
+        except KsmError:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+
+    def __enter__(self) -> "ScanAnchor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def wait_full_scans(n: int = 1, timeout: float = 30.0, ksm_dir: str = KSM_DIR) -> int:
     """Wait until ksmd has completed ``n`` more full scans; returns the
     count reached. Merging needs at least two scans of a page (KSM only
-    merges content that stayed the same from one scan to the next)."""
+    merges content that stayed the same from one scan to the next).
+
+    A ``ScanAnchor`` is held meanwhile: ksmd does not scan at all while no
+    process has mergeable memory, so without one the wait could never end."""
     start = read_stats(ksm_dir)
     if not start.run:
         raise KsmError("KSM is stopped (run=0): no scan will happen; use KsmTuning(run=1)")
     deadline = time.monotonic() + timeout
-    while True:
-        now = read_stats(ksm_dir).full_scans
-        if now >= start.full_scans + n:
-            return now
-        if time.monotonic() > deadline:
-            raise KsmError(f"ksmd finished {now - start.full_scans} of {n} full scans "
-                           f"within {timeout} s")
-        time.sleep(0.01)
+    with ScanAnchor():
+        while True:
+            now = read_stats(ksm_dir).full_scans
+            if now >= start.full_scans + n:
+                return now
+            if time.monotonic() > deadline:
+                raise KsmError(f"ksmd finished {now - start.full_scans} of {n} full scans "
+                               f"within {timeout} s (pages_to_scan and sleep_millisecs "
+                               f"set how fast it scans)")
+            time.sleep(0.01)
 
 
 class KsmTuning:
@@ -242,6 +276,17 @@ class KsmTuning:
             self._release()
             raise
         return self
+
+    def set(self, **values: int) -> None:
+        """Change knobs inside the block (``t.set(run=1)``); the values found
+        on entry still come back at the end."""
+        for name, value in values.items():
+            if name not in self.saved:
+                raise KsmError(f"KSM {name} was not named when this tuning began, so it "
+                               f"would not be restored; name it in KsmTuning(...)")
+            if not isinstance(value, int) or value < 0 or (name == "run" and value > 1):
+                raise KsmError(f"KSM {name}={value!r} refused")
+            self._write(name, value)
 
     def _save_and_apply(self) -> None:
         for name in self.values:
