@@ -58,9 +58,43 @@ def test_mptable_lists_cpus_with_one_bsp(ncpus):
 
 def test_mptable_pci_interrupts():
     entries = parse(build_mptable(1, pci_irqs=[(1, 0, 16)]))
-    pci = [e for e in entries if e[0] == 3 and e[4] == 1]
+    pci = [e for e in entries if e[0] == 3 and e[4] == 0]
     assert len(pci) == 1 and pci[0][5] == (1 << 2) and pci[0][7] == 16
     with pytest.raises(ConfigError):
         build_mptable(1, pci_irqs=[(40, 0, 16)])
     with pytest.raises(ConfigError):
         build_mptable(0)
+
+
+def buses(entries):
+    return {e[1]: e[2:8] for e in entries if e[0] == 1}
+
+
+def test_mptable_pci_bus_is_linux_pci_bus_0():
+    """Linux looks a PCI function's INTx up by its PCI bus number, which
+    must be the MP bus ID of a bus of type "PCI" (bus 0 is the root bus):
+    with ISA on ID 0 it finds "nonexistent PCI bus 0" and reports "can't
+    find IRQ for PCI INT A; probably buggy MP table"."""
+    entries = parse(build_mptable(2, pci_irqs=[(1, 0, 17), (2, 1, 18), (3, 3, 19)]))
+    b = buses(entries)
+    assert b[0] == b"PCI   "
+    isa_ids = [i for i, name in b.items() if name == b"ISA   "]
+    assert len(isa_ids) == 1 and isa_ids[0] != 0
+    ioapic_id = [e for e in entries if e[0] == 2][0][1]
+    ints = [e for e in entries if e[0] == 3]
+    pci = [(e[5] >> 2, e[5] & 3, e[7]) for e in ints if e[4] == 0]
+    assert pci == [(1, 0, 17), (2, 1, 18), (3, 3, 19)]
+    assert all(e[6] == ioapic_id for e in ints)
+    for e in ints:
+        flags = struct.unpack_from("<H", e, 2)[0]
+        if e[4] == 0:
+            assert flags == 0x0F                      # PCI: level, active low
+    isa = [(e[5], e[7]) for e in ints if e[4] == isa_ids[0]]
+    assert isa == [(i, i) for i in range(16)]
+    local = [e for e in entries if e[0] == 4]
+    assert all(e[4] == isa_ids[0] for e in local)   # ExtINT and NMI stay on ISA
+
+
+def test_mptable_without_pci_keeps_isa_on_bus_0():
+    b = buses(parse(build_mptable(1)))
+    assert b == {0: b"ISA   "}
