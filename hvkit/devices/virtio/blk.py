@@ -2,7 +2,13 @@
 
 One request queue, served on the device's worker thread. Data moves
 between the backend and guest RAM through memoryviews of the request's
-buffers (no bounce through Python bytes). Every request is checked: the
+buffers (no bounce through Python bytes). Reads and writes may run on a
+small pool of I/O threads (``io_threads``; on by default for raw files,
+whose I/O is plain pread/pwrite), so a queue depth of 32 keeps the disk
+busy with up to that many requests while the worker thread goes on
+popping: completions come back to the worker through an eventfd and are
+pushed there, in whatever order they finish, as virtio allows. Every other
+request waits until the reads and writes before it are done. Every request is checked: the
 header and status byte must be there, lengths are whole 512-byte sectors,
 ranges lie inside the disk, writes to a read-only disk fail; a bad request
 gets VIRTIO_BLK_S_IOERR, an unknown one VIRTIO_BLK_S_UNSUPP.
@@ -11,11 +17,15 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import selectors
 import struct
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from hvkit.devices.virtio import spec as V
 from hvkit.devices.virtio.chain import Chain, ChainError
 from hvkit.devices.virtio.device import VirtioDevice
+from hvkit.devices.virtio.worker import drain_eventfd, new_eventfd
 from hvkit.memory.guest import GuestMemory
 from hvkit.storage.backend import BlockBackend
 
@@ -68,7 +78,10 @@ class VirtioBlk(VirtioDevice):
                  read_only: bool | None = None, queue_size: int = QUEUE_SIZE,
                  size_max: int = 1 << 20, max_discard_sectors: int = 1 << 22,
                  max_segments: int = 32, close_backend: bool = False,
-                 threaded: bool = True) -> None:
+                 io_threads: int | None = None, threaded: bool = True) -> None:
+        """``io_threads``: how many reads and writes may be in flight at once
+        (0: one at a time, on the worker). None picks 8 for a RawFileBackend
+        and 0 for other backends, which may not take concurrent calls."""
         self.backend = backend
         self.close_backend = close_backend
         self.read_only = backend.read_only if read_only is None else read_only or backend.read_only
@@ -97,11 +110,114 @@ class VirtioBlk(VirtioDevice):
             max_discard_sectors, max_segments, 0))
         #: requests answered with each status, for tests and metrics
         self.completed = {S_OK: 0, S_IOERR: 0, S_UNSUPP: 0}
+        if io_threads is None:
+            from hvkit.storage.raw import RawFileBackend
+            io_threads = 8 if isinstance(backend, RawFileBackend) else 0
+        if not threaded:
+            io_threads = 0
+        self.io_threads = io_threads
+        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="virtio-blk-io") \
+            if io_threads > 0 else None
+        self._inflight: set[Future] = set()
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._done_fd = new_eventfd()
+        self._generation = 0
+        self.worker.register(self._done_fd, selectors.EVENT_READ, self._completions)
+
+    # -- the queue ----------------------------------------------------------------
 
     def process_queue(self, index: int) -> None:
-        self.drain(index, self._request)
+        if self._pool is None:
+            self.drain(index, self._request)
+            return
+        q = self.queues[index]
+        while self.active:
+            q.disable_notification()
+            for chain in self.chains(index):
+                if _is_data(chain) and len(self._inflight) < 4 * self.io_threads:
+                    fut = self._pool.submit(self._request_io, chain, self._generation)
+                    self._inflight.add(fut)
+                    fut.add_done_callback(self._inflight.discard)
+                else:
+                    self._wait_inflight()
+                    self._push_done()
+                    q.push(chain.head, self._request(chain))
+            if not q.enable_notification():
+                break
+        self._push_done()
+        self.signal_used(index)
+
+    def _request_io(self, chain: Chain, generation: int) -> None:
+        """On an I/O thread: run one read or write, hand it back to the worker."""
+        try:
+            written, status = self._serve(chain)
+        except ChainError as exc:
+            log.debug("virtio-blk: %s", exc)
+            written, status = 0, None
+        except Exception:                   # never lose a request
+            log.exception("virtio-blk: I/O thread failed")
+            written, status = 0, None
+        self._done.put((generation, chain.head, written, status))
+        try:
+            os.eventfd_write(self._done_fd, 1)
+        except OSError:                     # closed under us: the device is gone
+            pass
+
+    def _completions(self, _mask: int) -> None:
+        drain_eventfd(self._done_fd)
+        if self._push_done():
+            self.signal_used(0)
+
+    def _push_done(self) -> int:
+        """Push the finished reads and writes (worker, lock held)."""
+        q = self.queues[0]
+        n = 0
+        while True:
+            try:
+                generation, head, written, status = self._done.get_nowait()
+            except queue.Empty:
+                return n
+            if generation != self._generation or not self.active:
+                continue                    # the device was reset meanwhile
+            if status is None:
+                q.errors += 1
+            else:
+                self.completed[status] += 1
+            q.push(head, written)
+            n += 1
+
+    def _wait_inflight(self) -> None:
+        for fut in list(self._inflight):
+            fut.result()
+
+    def state(self) -> dict:
+        """Reads and writes in flight finish and are completed first, so a
+        snapshot holds no request the device has taken but not answered."""
+        with self.lock:
+            if self._pool is not None and self.active:
+                self._wait_inflight()
+                if self._push_done():
+                    self.signal_used(0)
+            return super().state()
+
+    def on_reset(self) -> None:
+        """Requests in flight finish first (their buffers are the driver's
+        again once the reset is done), and are not completed."""
+        self._wait_inflight()
+        self._generation += 1
+        while True:
+            try:
+                self._done.get_nowait()
+            except queue.Empty:
+                break
 
     def _request(self, chain: Chain) -> int:
+        written, status = self._serve(chain)
+        self.completed[status] += 1
+        return written
+
+    def _serve(self, chain: Chain) -> tuple[int, int]:
+        """Run one request: (bytes for the used ring, status)."""
         w = chain.writer()
         if w.remaining < 1:
             raise ChainError("virtio-blk request without a status byte", chain.head)
@@ -120,9 +236,8 @@ class VirtioBlk(VirtioDevice):
             log.warning("virtio-blk: backend error: %s", exc)
             status = S_IOERR
         status_view[0] = status
-        self.completed[status] += 1
         # like QEMU, report the whole writable area (Linux does not read it)
-        return chain.write_len
+        return chain.write_len, status
 
     def _range(self, sector: int, length: int) -> int:
         offset = sector * SECTOR
@@ -193,8 +308,21 @@ class VirtioBlk(VirtioDevice):
 
     def on_close(self) -> None:
         """The backend belongs to the caller unless ``close_backend``."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self.worker.unregister(self._done_fd)
+        os.close(self._done_fd)
         if self.close_backend:
             self.backend.close()
+
+
+def _is_data(chain: Chain) -> bool:
+    """A read or a write (the requests the I/O threads take)."""
+    try:
+        rtype = struct.unpack("<I", chain.reader().read(4))[0]
+    except (ChainError, struct.error):
+        return False
+    return rtype in (T_IN, T_OUT)
 
 
 def default_serial(path: str | os.PathLike[str]) -> str:
