@@ -60,13 +60,24 @@ def ioctl_arg(int fd, unsigned long request, unsigned long arg, str name):
     return r
 
 
+cdef extern from "linux/ioctl.h":
+    unsigned int _IOC_SIZE(unsigned long nr)
+
+
 def ioctl_buf(int fd, unsigned long request, buf, str name):
-    """An ioctl whose argument points to ``buf`` (a writable buffer, in/out)."""
+    """An ioctl whose argument points to ``buf`` (a writable buffer, in/out).
+
+    ``buf`` must hold at least the argument size the request number encodes
+    (_IOC_SIZE): the kernel copies that many bytes in or out whatever the
+    buffer's length, so a short one would let it write past it."""
     cdef Py_buffer view
     cdef int r
     cdef int err
+    cdef size_t need = _IOC_SIZE(request)
     PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
     try:
+        if <size_t>view.len < need:
+            raise ValueError(f"{name}: a {view.len}-byte buffer for a {need}-byte argument")
         with nogil:
             r = ioctl(fd, request, view.buf)
             err = errno

@@ -252,3 +252,12 @@ def test_console_sink_survives_a_closed_reader():
         assert sink.fd_dropped == 5
     finally:
         os.close(wfd)
+
+
+def test_ioctl_buffer_shorter_than_the_argument_is_refused():
+    # KVM_GET_REGS copies sizeof(struct kvm_regs) bytes out whatever the
+    # buffer: a short one is refused before the kernel sees it (fd -1).
+    with pytest.raises(ValueError, match=r"KVM_GET_REGS: a 16-byte buffer for a 144-byte"):
+        _native.ioctl_buf(-1, _native.IOCTLS["GET_REGS"], bytearray(16), "KVM_GET_REGS")
+    with pytest.raises(KvmError, match="EBADF"):
+        _native.ioctl_buf(-1, _native.IOCTLS["GET_REGS"], bytearray(144), "KVM_GET_REGS")
