@@ -368,7 +368,7 @@ static inline int vq_pop(struct vq *q, u32 *id, u32 *len)
 
 /* -- interrupts, checked in the LAPIC IRR ------------------------------------ */
 
-static int lapic_pending(u8 vector)
+static __attribute__((unused)) int lapic_pending(u8 vector)
 {
     volatile u32 *irr = (volatile u32 *)(LAPIC_BASE + 0x200 + 0x10ul * (vector / 32));
     return (int)(*irr >> (vector % 32) & 1);
@@ -377,7 +377,7 @@ static int lapic_pending(u8 vector)
 /* Route the device's interrupt to ``vector`` on APIC 0: MSI-X entry 0 for
  * every queue (PCI), or the IOAPIC pin, edge, unmasked (MMIO). Call before
  * the queues are set up (PCI) and pass msix=0 to virtio_queue. */
-static void virtio_route_irq(struct vdev *d, u8 vector)
+static __attribute__((unused)) void virtio_route_irq(struct vdev *d, u8 vector)
 {
     volatile u32 *svr = (volatile u32 *)(LAPIC_BASE + 0xF0);
     *svr = *svr | 0x100;                    /* the local APIC accepts interrupts */
