@@ -20,6 +20,7 @@ from hvkit.vmm.config import EntryState, VmConfig
 if TYPE_CHECKING:
     from hvkit.arch.x86.profiles import HostProfile
     from hvkit.boot.elf import ElfImage
+    from hvkit.boot.linux import LinuxBoot
     from hvkit.kvm.vcpu import Vcpu
     from hvkit.vmm.runtime import Vmm
 
@@ -81,9 +82,15 @@ def load_kernel(vmm: "Vmm", profile: "HostProfile") -> None:
                                 e820_map(vmm.memory), boot=config.boot)
     for vcpu in vmm.vcpus:
         setup_cpu(vcpu)
+    start_vcpus(vmm, linux_entry(lb))
+
+
+def linux_entry(lb: "LinuxBoot") -> EntryState:
+    """Where a Linux loader says the boot vCPU starts (its ``regs`` may
+    name rip itself)."""
     mode = "long" if lb.mode == "long64" else "protected"
-    entry = EntryState(mode=mode, rip=lb.entry, regs=lb.regs)
-    start_vcpus(vmm, entry)
+    regs = dict(lb.regs)
+    return EntryState(mode=mode, rip=regs.pop("rip", lb.entry), regs=regs)
 
 
 #: what x86 Linux keeps of its command line (COMMAND_LINE_SIZE), the NUL included

@@ -324,6 +324,15 @@ def test_load_linux_dispatch(mem):
         load_linux(mem, make_elf(), "", None, e820, boot="uefi")
 
 
+def test_linux_loaders_give_the_builder_an_entry_state(mem):
+    from hvkit.vmm.loaders import linux_entry
+    e820 = e820_for(mem)
+    pvh = linux_entry(load_linux(mem, make_elf(), "", None, e820))
+    assert pvh.mode == "protected" and pvh.rip == 0x1000010 and "rbx" in pvh.regs
+    bz = linux_entry(load_linux(mem, make_bzimage(), "", None, e820))
+    assert bz.mode == "long" and "rsi" in bz.regs and "rip" not in bz.regs
+
+
 def test_layout_leaves_the_vmm_structures_alone():
     from hvkit.arch.x86 import layout as x86
     vmm = [(x86.GDT_ADDR, x86.BOOT_IDT_ADDR + 0x100),
