@@ -64,10 +64,10 @@ run benchmarks/exits.py 120 "$B/exits.py" --quick
 run benchmarks/dedup.py 120 "$B/dedup.py" --quick
 run benchmarks/startup.py 120 "$B/startup.py" --runs 3 --seconds 0.5
 run benchmarks/time.py 120 "$B/time.py" --reps 1 --ms 300 --rate-ms 200
-run benchmarks/storage.py 120 "$B/storage.py" --arrays 2 --image-mib 16 --dir "$WORK"
+run benchmarks/storage.py 120 "$B/storage.py" --arrays 2 --image-mib 8 --repeat 1 --dir "$WORK"
 if command -v fio >/dev/null; then
-    run benchmarks/nvme.py 120 "$B/nvme.py" --ios 256 --qd 1 --disk-mb 16 --dir "$WORK" \
-        --fio-seconds 0.5
+    run benchmarks/nvme.py 120 "$B/nvme.py" --ios 64 --qd 1 --disk-mb 16 --dir "$WORK" \
+        --fio-seconds 0.2
 else
     echo "hvkit: skip  benchmarks/nvme.py (needs fio)" >&2
 fi
