@@ -28,7 +28,7 @@ import time
 import timeit
 
 from hvkit.storage.superblock import Geometry
-from hvkit.storage.tokens import make_io_pair
+from hvkit.storage.guard import make_io_pair
 from hvkit.storage.volume import Volume
 
 ELEMENTS = 64

@@ -11,14 +11,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import secrets
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
 from hvkit.storage.backend import BlockBackend, StorageError
-from hvkit.storage.tokens import (MAC_LEN, RIGHT_READ, RIGHT_WRITE, EpochTable, Token,
-                                  TokenError, _ident)
+from hvkit.storage.tokens import (MAC_LEN, RIGHT_READ, RIGHT_WRITE, Clock, EpochTable,
+                                  IOControl, Token, TokenError, _ident)
 
 log = logging.getLogger("hvkit.storage.audit")
 
@@ -232,3 +234,12 @@ class GuardedBackend:
     def rebind(self, token: bytes) -> None:
         """Swap in a fresh token (after expiry or revocation)."""
         self.__token = bytes(token)
+
+
+def make_io_pair(clock: Clock = time.time_ns, *, audit_limit: int = 10000
+                 ) -> tuple[IOControl, StoragePart]:
+    """A control part and a storage part sharing a fresh key and epoch table."""
+    key = secrets.token_bytes(32)
+    epochs = EpochTable()
+    return (IOControl(key, epochs, clock),
+            StoragePart(key, epochs, clock, audit_limit=audit_limit))

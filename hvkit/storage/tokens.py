@@ -17,12 +17,10 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, TYPE_CHECKING
+from typing import Callable
 
 from hvkit.errors import ConfigError
 
-if TYPE_CHECKING:
-    from hvkit.storage.guard import StoragePart
 
 RIGHT_READ = 1
 RIGHT_WRITE = 2
@@ -134,12 +132,3 @@ class IOControl:
         """Void every token issued so far for ``disk_id``; return the new epoch."""
         return self.epochs.bump(_ident(disk_id, "disk ID"))
 
-
-def make_io_pair(clock: Clock = time.time_ns, *, audit_limit: int = 10000
-                 ) -> tuple[IOControl, "StoragePart"]:
-    """A control part and a storage part sharing a fresh key and epoch table."""
-    from hvkit.storage.guard import StoragePart
-    key = secrets.token_bytes(32)
-    epochs = EpochTable()
-    return (IOControl(key, epochs, clock),
-            StoragePart(key, epochs, clock, audit_limit=audit_limit))

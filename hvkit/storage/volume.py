@@ -30,6 +30,7 @@ from hvkit.storage.journal import Journal, ReplayReport, format_journal
 from hvkit.storage.metacache import MetaCache
 from hvkit.storage.superblock import (RES_BLOCK, RES_PTR, RES_SUB, SB_BACKUP,
                                       SB_PRIMARY, Geometry)
+from hvkit.storage.writepath import LOGICAL_TXN_MAX_BLOCKS, write_sg
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ SGElement = tuple[Buffer, int]
 
 #: worst-case metadata blocks one logical transaction dirties: descriptor,
 #: three new pointer blocks and their parents, three bitmap blocks
-LOGICAL_TXN_MAX_BLOCKS = 10
 
 
 @dataclass
@@ -436,7 +436,6 @@ class Volume:
         """Write a scatter-gather array as one batched journal transaction
         (see ``writepath.write_sg``); durable when it returns unless
         ``durable=False`` (then the next commit makes it so)."""
-        from hvkit.storage.writepath import write_sg
         return write_sg(self, fidx, sg, durable=durable)
 
     def write(self, fidx: int, offset: int, data: Buffer):

@@ -25,6 +25,10 @@ from typing import TYPE_CHECKING, Sequence
 from hvkit.storage.backend import StorageError
 from hvkit.storage.bitmap import VolumeFull
 
+#: metadata blocks one logical transaction may change (an allocation's
+#: bitmap, pointer and descriptor blocks, with room to spare)
+LOGICAL_TXN_MAX_BLOCKS = 10
+
 if TYPE_CHECKING:
     from hvkit.storage.volume import Location, SGElement, Volume
 
@@ -98,7 +102,6 @@ def write_sg(vol: "Volume", fidx: int, sg: Sequence["SGElement"], *,
                 vol.flush()
             return res
         limit = vol.journal.max_images
-        from hvkit.storage.volume import LOGICAL_TXN_MAX_BLOCKS
         pending = 0
         try:
             for fbi in dependent:

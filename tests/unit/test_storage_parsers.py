@@ -15,7 +15,8 @@ from hvkit.storage.backend import StorageError
 from hvkit.storage.hostfile import HostFile
 from hvkit.storage.journal import Journal, read_jsb
 from hvkit.storage.superblock import JOURNAL_START, JSB_A, Geometry
-from hvkit.storage.tokens import Token, TokenError, make_io_pair
+from hvkit.storage.guard import make_io_pair
+from hvkit.storage.tokens import Token, TokenError
 from hvkit.storage.volume import Volume
 
 GEOM = Geometry.for_capacity(1 << 20, block_size=64 << 10, sub_block_size=8 << 10,

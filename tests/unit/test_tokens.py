@@ -10,7 +10,8 @@ from hypothesis import assume, given, settings, strategies as st
 from hvkit.storage.backend import BlockBackend
 from hvkit.storage.guard import AccessDenied
 from hvkit.storage.superblock import Geometry
-from hvkit.storage.tokens import EpochTable, IOControl, Token, TokenError, make_io_pair
+from hvkit.storage.guard import make_io_pair
+from hvkit.storage.tokens import EpochTable, IOControl, Token, TokenError
 from hvkit.storage.vdisk import VirtualDisk
 from hvkit.storage.volume import Volume
 
