@@ -105,10 +105,12 @@ class ElfImage:
                 f"{self.path}: loads at {self.start:#x}, inside the VMM's boot area "
                 f"below {reserved_below:#x}")
 
-    def load(self, memory: "GuestMemory") -> int:
+    def load(self, memory: "GuestMemory", *, zero_bss: bool = True) -> int:
+        """Copy the segments in; ``zero_bss=False`` when the RAM is fresh
+        (already zero), which spares touching every bss page."""
         for seg in self.segments:
             memory.write(seg.paddr, seg.data)
-            if seg.memsz > len(seg.data):
+            if zero_bss and seg.memsz > len(seg.data):
                 memory.fill(seg.paddr + len(seg.data), seg.memsz - len(seg.data))
         return self.entry
 

@@ -100,6 +100,11 @@ class Vcpu:
         _native.ioctl_buf(self.fd, IOC["SET_CPUID2"], pack_cpuid2(entries),
                           f"KVM_SET_CPUID2(vcpu {self.id})")
 
+    def set_cpuid2_raw(self, table: bytes) -> None:
+        """KVM_SET_CPUID2 with an already packed kvm_cpuid2 (a cached table)."""
+        _native.ioctl_buf(self.fd, IOC["SET_CPUID2"], bytearray(table),
+                          f"KVM_SET_CPUID2(vcpu {self.id})")
+
     def get_cpuid2(self) -> list[CpuidEntry]:
         buf = pack_cpuid2([], capacity=256)
         _native.ioctl_buf(self.fd, IOC["GET_CPUID2"], buf, f"KVM_GET_CPUID2(vcpu {self.id})")

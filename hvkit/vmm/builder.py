@@ -152,14 +152,24 @@ def cpuid_plan(supported: Iterable["CpuidEntry"], config: VmConfig, vcpu_id: int
     return build_cpuid(supported, vcpu_id, config.vcpus, clear=profile.cpuid_clear)
 
 
+#: packed CPUID tables by (kvm, vCPU id, vCPU count, features cleared): the
+#: same VM shape gets the same bytes, so a launcher builds them once
+_cpuid_cache: dict[tuple[int, int, int, tuple[str, ...]], bytes] = {}
+
+
 def create_vcpus(vmm: Vmm) -> "HostProfile":
-    supported = vmm.kvm.supported_cpuid()
+    from hvkit.kvm.structs import pack_cpuid2
     profile = None
     for i in range(vmm.config.vcpus):
         vcpu = vmm.vm.create_vcpu(i)
         if profile is None:
             profile = host_profile(vmm.config, vcpu.get_tsc_khz)
-        vcpu.set_cpuid2(cpuid_plan(supported, vmm.config, i, profile))
+        key = (id(vmm.kvm), i, vmm.config.vcpus, tuple(profile.cpuid_clear))
+        table = _cpuid_cache.get(key)
+        if table is None:
+            entries = cpuid_plan(vmm.kvm.supported_cpuid(), vmm.config, i, profile)
+            table = _cpuid_cache[key] = bytes(pack_cpuid2(entries))
+        vcpu.set_cpuid2_raw(table)
         vmm.vcpus.append(vcpu)
     return profile
 

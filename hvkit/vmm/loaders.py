@@ -58,7 +58,7 @@ def boot_stack(vcpu_id: int) -> int:
 
 
 def load_freestanding(vmm: "Vmm", image: "ElfImage") -> None:
-    image.load(vmm.memory)
+    image.load(vmm.memory, zero_bss=False)      # the builder's RAM is fresh: all zero
     vmm.memory.write(layout.GUEST_ARGS_ADDR, vmm.config.args.encode() + b"\0")
     n = len(vmm.vcpus)
     for vcpu in vmm.vcpus:
