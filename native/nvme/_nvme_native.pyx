@@ -81,6 +81,9 @@ cdef extern from "engine.h":
     int nvme_has_work(nvme_engine *e)
     void nvme_publish_counters(nvme_engine *e)
     int nvme_process(nvme_engine *e, int budget) nogil
+    int nvme_pump(nvme_engine *e, int budget) nogil
+    void nvme_drain(nvme_engine *e) nogil
+    int nvme_inflight(nvme_engine *e)
     uint16_t nvme_execute(nvme_engine *e, const uint8_t *sqe) nogil
     int nvme_run(nvme_engine *e, int64_t poll_ns) nogil
 
@@ -247,6 +250,28 @@ cdef class NativeEngine:
         if done:
             nvme_publish_counters(self.e)
         return done
+
+    def pump(self, budget=None):
+        """One step of the run loop's pipeline: fetch and start what the
+        SQs hold, post what is done (in fetch order); fetched + posted."""
+        cdef int b = -1 if budget is None else budget
+        cdef int done
+        with nogil:
+            done = nvme_pump(self.e, b)
+        nvme_publish_counters(self.e)
+        return done
+
+    def drain(self):
+        """Wait for the pipeline's I/O and post its completions."""
+        with nogil:
+            nvme_drain(self.e)
+        nvme_flush_interrupts(self.e)
+        nvme_publish_counters(self.e)
+
+    @property
+    def inflight(self):
+        """Commands the pipeline fetched and has not completed."""
+        return nvme_inflight(self.e)
 
     def execute(self, const uint8_t[::1] sqe):
         """Run one 64-byte I/O command; the NVMe status (without DNR)."""

@@ -418,7 +418,8 @@ int nvme_engine_init(struct nvme_engine *e, uint8_t *page, uint64_t max_transfer
     e->max_runs = max_transfer / PAGE_SIZE_NVME + 2;
     if (e->max_runs < (DSM_RANGE_SIZE * 256) / PAGE_SIZE_NVME + 2)
         e->max_runs = (DSM_RANGE_SIZE * 256) / PAGE_SIZE_NVME + 2;
-    e->pool_runs = e->max_runs > NVME_RING_OPS ? e->max_runs : NVME_RING_OPS;
+    e->fifo_base = e->max_runs > NVME_RING_OPS ? e->max_runs : NVME_RING_OPS;
+    e->pool_runs = e->fifo_base + NVME_FIFO * e->max_runs;
     e->runs = calloc(e->pool_runs, sizeof(*e->runs));
     e->results = calloc(e->pool_runs, sizeof(*e->results));
     e->bounce_size = BOUNCE_CHUNK + 4096;
@@ -1361,6 +1362,222 @@ int nvme_process(struct nvme_engine *e, int budget)
     return done;
 }
 
+/* -- the pipeline (nvme_run) ------------------------------------------------------------------ */
+
+/* reap io_uring completions into e->results and the FIFO's outstanding
+ * counts; with wait, block until at least one is there */
+static void pipe_reap(struct nvme_engine *e, int wait)
+{
+    struct uring *u = e->uring;
+    if (!u)
+        return;
+    if (wait && e->inflight_ops &&
+        *u->cq_head == __atomic_load_n(u->cq_tail, __ATOMIC_ACQUIRE)) {
+        int64_t t = now_ns();
+        (void)syscall(__NR_io_uring_enter, u->fd, 0, 1, IORING_ENTER_GETEVENTS, NULL, 0);
+        e->rs.io_ns += (uint64_t)(now_ns() - t);
+    }
+    unsigned head = *u->cq_head;
+    unsigned tail = __atomic_load_n(u->cq_tail, __ATOMIC_ACQUIRE);
+    while (head != tail) {
+        struct io_uring_cqe *c = &u->cqes[head & *u->cq_mask];
+        uint64_t tag = c->user_data;
+        if (tag >= e->fifo_base && tag < e->pool_runs) {
+            e->results[tag] = c->res;
+            struct nvme_pending *p = &e->fifo[(tag - e->fifo_base) / e->max_runs];
+            if (p->outstanding)
+                p->outstanding--;
+        }
+        head++;
+        if (e->inflight_ops)
+            e->inflight_ops--;
+    }
+    __atomic_store_n(u->cq_head, head, __ATOMIC_RELEASE);
+}
+
+/* the ring failed: wait for what is in flight, give the ring up, and let
+ * pipe_post redo synchronously every operation without a full result */
+static void pipe_fail(struct nvme_engine *e)
+{
+    for (int tries = 0; e->inflight_ops && tries < 1000; tries++)
+        pipe_reap(e, 1);
+    uring_free(e);
+    e->queued_ops = e->inflight_ops = 0;
+    for (int i = 0; i < NVME_FIFO; i++)
+        e->fifo[i].outstanding = 0;
+}
+
+static void pipe_submit(struct nvme_engine *e)
+{
+    struct uring *u = e->uring;
+    while (u && e->queued_ops) {
+        int r = (int)syscall(__NR_io_uring_enter, u->fd, e->queued_ops, 0, 0, NULL, 0);
+        if (r > 0) {
+            e->queued_ops -= (uint32_t)r;
+            e->inflight_ops += (uint32_t)r;
+        } else if (r < 0 && errno == EINTR) {
+            continue;
+        } else if (r < 0 && (errno == EAGAIN || errno == EBUSY) && e->inflight_ops) {
+            pipe_reap(e, 1);
+        } else {
+            pipe_fail(e);
+            return;
+        }
+    }
+}
+
+/* post, in fetch order, every command at the FIFO's head whose I/O is done */
+static int pipe_post(struct nvme_engine *e)
+{
+    int n = 0;
+    while (e->fifo_count) {
+        struct nvme_pending *p = &e->fifo[e->fifo_head];
+        if (p->status == NVME_PENDING_IO) {
+            if (p->outstanding)
+                break;
+            int err = 0;
+            uint64_t off = p->offset;
+            for (uint32_t k = 0; k < p->nruns && !err; k++) {
+                struct nvme_run_entry *r = &e->runs[p->run0 + k];
+                if (e->results[p->run0 + k] != (int32_t)r->len)     /* short, failed, lost */
+                    err = ns_io(e, p->ns, off, r->hva, r->len, p->write);
+                off += r->len;
+            }
+            p->status = finish_rw(e, p, err);
+        }
+        struct nvme_cq *cq = &e->cqs[p->cqid];
+        if (cq->reserved)
+            cq->reserved--;
+        post(e, p->cqid, p->sqid, p->cid, p->status, 0, p->sqhd);
+        e->fifo_head = (e->fifo_head + 1) % NVME_FIFO;
+        e->fifo_count--;
+        n++;
+    }
+    return n;
+}
+
+int nvme_inflight(struct nvme_engine *e)
+{
+    return (int)e->fifo_count;
+}
+
+void nvme_drain(struct nvme_engine *e)
+{
+    pipe_submit(e);
+    while (e->fifo_count) {
+        if (e->uring && e->inflight_ops)
+            pipe_reap(e, 1);
+        else
+            for (int i = 0; i < NVME_FIFO; i++)      /* nothing can arrive: redo */
+                e->fifo[i].outstanding = 0;
+        pipe_post(e);
+    }
+}
+
+int nvme_pump(struct nvme_engine *e, int budget)
+{
+    if (budget < 0) {
+        budget = 0;
+        for (int i = 0; i < e->nsq; i++)
+            budget += (int)e->sqs[e->sq_order[i]].size;
+    }
+    for (int i = 0; i < e->nsq; i++)
+        refresh(e, &e->sqs[e->sq_order[i]]);
+    int fetched = 0, progress = 1, full = 0;
+    while (progress && !full && fetched < budget) {
+        progress = 0;
+        for (int i = 0; i < e->nsq && !full; i++) {
+            struct nvme_sq *sq = &e->sqs[e->sq_order[i]];
+            if (sq->head == sq->tail)
+                continue;
+            struct nvme_cq *cq = &e->cqs[sq->cqid];
+            if (!cq->used)
+                continue;
+            if (cq_full_r(cq)) {
+                refresh_cq(e, cq);
+                if (cq_full_r(cq)) {
+                    cq->blocked = 1;
+                    continue;
+                }
+            }
+            cq->blocked = 0;
+            struct sqe c;
+            if (gm_read(e, sq->gpa + (uint64_t)sq->head * SQE_SIZE, SQE_SIZE, &c)) {
+                e->ring_errors++;
+                sq->head = sq->tail;
+                continue;
+            }
+            int rw = (c.opcode == IO_READ || c.opcode == IO_WRITE) && !(c.flags & 0x3)
+                     && !((c.flags >> 6) & 0x3);
+            if (rw) {
+                struct uring *u = e->uring;
+                if (e->fifo_count == NVME_FIFO ||
+                    (u && e->queued_ops + e->inflight_ops + e->max_runs > u->entries)) {
+                    full = 1;          /* fetched later, when some of the FIFO is posted */
+                    break;
+                }
+                sq->head = (sq->head + 1) % sq->size;
+                uint32_t slot = (e->fifo_head + e->fifo_count) % NVME_FIFO;
+                struct nvme_pending *p = &e->fifo[slot];
+                p->cqid = cq->qid;
+                p->sqid = sq->qid;
+                p->cid = c.cid;
+                p->sqhd = (uint16_t)sq->head;
+                p->outstanding = 0;
+                e->run_base = e->fifo_base + slot * e->max_runs;
+                p->status = prepare_rw(e, &c, c.opcode == IO_WRITE, p);
+                e->run_base = 0;
+                if (p->status == NVME_PENDING_IO) {
+                    if (u && direct_ok(e, p)) {
+                        uint64_t off = p->offset;
+                        for (uint32_t k = 0; k < p->nruns; k++) {
+                            struct nvme_run_entry *r = &e->runs[p->run0 + k];
+                            e->results[p->run0 + k] = INT32_MIN;
+                            uring_prep(u, p->write, p->ns->fd, r->hva, (uint32_t)r->len, off,
+                                       p->run0 + k);
+                            off += r->len;
+                            e->queued_ops++;
+                            p->outstanding++;
+                        }
+                    } else {
+                        /* the bounce buffer or no ring: synchronously, now */
+                        p->status = finish_rw(e, p, rw_sync(e, p));
+                    }
+                }
+                e->fifo_count++;
+                cq->reserved++;
+            } else {
+                sq->head = (sq->head + 1) % sq->size;
+                nvme_drain(e);                 /* completions stay in fetch order */
+                uint16_t status = execute(e, &c);
+                post(e, cq->qid, sq->qid, c.cid, status, 0, -1);
+            }
+            fetched++;
+            progress = 1;
+            if (fetched >= budget)
+                break;
+        }
+        if (!progress && !full) {
+            for (int i = 0; i < e->nsq; i++) {      /* doorbells rung meanwhile */
+                struct nvme_sq *sq = &e->sqs[e->sq_order[i]];
+                uint32_t old = sq->tail;
+                refresh(e, sq);
+                if (sq->tail != old)
+                    progress = 1;
+            }
+        }
+    }
+    pipe_submit(e);
+    pipe_reap(e, 0);
+    int posted = pipe_post(e);
+    if (posted || fetched)
+        nvme_flush_interrupts(e);
+    e->rs.commands += (uint64_t)fetched;
+    if ((uint64_t)fetched > e->rs.max_pass)
+        e->rs.max_pass = (uint64_t)fetched;
+    return fetched + posted;
+}
+
 static void drain(int fd)
 {
     uint64_t v;
@@ -1428,14 +1645,11 @@ int nvme_run(struct nvme_engine *e, int64_t poll_ns)
     unsigned spins = 0;
     int polled = 0;           /* a window is running since last_work */
     for (;;) {
-        int done = nvme_process(e, -1);
+        int done = nvme_pump(e, -1);
         int64_t t = now_ns();
         s->passes++;
         if (done) {
             s->work_passes++;
-            s->commands += (uint64_t)done;
-            if ((uint64_t)done > s->max_pass)
-                s->max_pass = (uint64_t)done;
             s->work_ns += (uint64_t)(t - prev);
             if (polled) {
                 s->poll_hits++;
@@ -1448,10 +1662,13 @@ int nvme_run(struct nvme_engine *e, int64_t poll_ns)
         /* the control socket and the kick: every pass after work, every
          * 64th while spinning idle (a syscall costs more than a pass) */
         if (done || (++spins & 63) == 0) {
-            if (wait_fds(e, 0, &err, NULL))
-                return 1;
-            if (err)
-                return err;
+            if (wait_fds(e, 0, &err, NULL) || err) {
+                /* Python takes over with nothing in flight */
+                nvme_drain(e);
+                nvme_flush_interrupts(e);
+                nvme_publish_counters(e);
+                return err ? err : 1;
+            }
         }
         if (done)
             continue;
@@ -1464,6 +1681,13 @@ int nvme_run(struct nvme_engine *e, int64_t poll_ns)
 #if defined(__x86_64__) || defined(__i386__)
             __builtin_ia32_pause();
 #endif
+            continue;
+        }
+        if (nvme_inflight(e)) {
+            /* I/O in flight: block on it rather than spin (the guest's next
+             * commands mostly follow our completions anyway) */
+            pipe_reap(e, 1);
+            prev = now_ns();
             continue;
         }
         s->poll_ns += (uint64_t)(t - last_work);

@@ -75,8 +75,12 @@ struct nvme_pending {
     struct nvme_ns *ns;
     uint64_t offset, length;
     uint32_t run0, nruns;
+    uint32_t outstanding;  /* io_uring operations not reaped yet (the pipeline) */
 };
 #define NVME_PENDING_IO 0xFFFF
+/* the pipeline of nvme_run: commands in flight, completions posted in fetch
+ * order as soon as every earlier command is done */
+#define NVME_FIFO 64
 
 struct nvme_stats {
     uint64_t bytes_read, bytes_written, read_commands, write_commands, media_errors;
@@ -137,6 +141,13 @@ struct nvme_engine {
     struct nvme_run_stats rs;
     int64_t window;                 /* the adaptive poll window, kept across nvme_run calls */
     int window_set;
+    /* the pipeline: a FIFO of fetched reads/writes whose I/O runs through
+     * io_uring while more are fetched; its runs live in e->runs from
+     * fifo_base, max_runs per slot */
+    struct nvme_pending fifo[NVME_FIFO];
+    uint32_t fifo_head, fifo_count;
+    size_t fifo_base;
+    uint32_t queued_ops, inflight_ops;
 };
 
 /* set-up / tear-down; 0 or -errno */
@@ -169,6 +180,14 @@ void nvme_publish_counters(struct nvme_engine *e);
 
 /* the data path */
 int nvme_process(struct nvme_engine *e, int budget);     /* budget < 0: default */
+/* One step of the pipeline: fetch what the SQs hold (up to budget), start
+ * its I/O without waiting, post the completions that are done in fetch
+ * order, raise the interrupts owed. Returns the commands fetched plus
+ * those completed. nvme_drain waits for everything in flight and posts it.
+ * nvme_inflight: commands fetched and not yet posted. */
+int nvme_pump(struct nvme_engine *e, int budget);
+void nvme_drain(struct nvme_engine *e);
+int nvme_inflight(struct nvme_engine *e);
 /* one I/O command (64-byte SQE) -> status (no DNR), for tests */
 uint16_t nvme_execute(struct nvme_engine *e, const uint8_t *sqe);
 
