@@ -2,8 +2,9 @@
 
 The order of the set calls follows what KVM needs (as Firecracker and
 QEMU do): CPUID first, then MSRs, registers, special registers, XSAVE,
-XCRs, debug registers, LAPIC, MP state and pending events last, so that an
-event is not lost to a later register write.
+XCRs, debug registers, LAPIC, the TSC deadline (which needs the LAPIC in
+deadline mode), MP state and pending events last, so that an event is not
+lost to a later register write.
 """
 from __future__ import annotations
 
@@ -56,16 +57,25 @@ def save_vcpu(vcpu: "Vcpu", msrs: Iterable[int]) -> dict[str, Any]:
     }
 
 
+#: IA32_TSC_DEADLINE: KVM ignores a write unless the LAPIC timer is already
+#: in TSC-deadline mode, so it goes in after the LAPIC (as QEMU does)
+MSR_TSC_DEADLINE = 0x6E0
+
+
 def load_vcpu(vcpu: "Vcpu", state: dict[str, Any], cpuid: list[CpuidEntry]) -> None:
     try:
+        msrs = {int(k, 16): int(v) for k, v in state["msrs"].items()}
+        deadline = msrs.pop(MSR_TSC_DEADLINE, None)
         vcpu.set_cpuid2(cpuid)
-        vcpu.set_msrs({int(k, 16): int(v) for k, v in state["msrs"].items()})
+        vcpu.set_msrs(msrs)
         vcpu.set_regs(Regs.unpack(bytes.fromhex(state["regs"])))
         vcpu.set_sregs(Sregs.unpack(bytes.fromhex(state["sregs"])))
         vcpu.set_xsave(bytes.fromhex(state["xsave"]))
         vcpu.set_xcrs(Xcrs.unpack(bytes.fromhex(state["xcrs"])))
         vcpu.set_debugregs(bytes.fromhex(state["debugregs"]))
         vcpu.set_lapic(Lapic(bytes.fromhex(state["lapic"])))
+        if deadline is not None:
+            vcpu.set_msrs({MSR_TSC_DEADLINE: deadline})
         vcpu.set_mp_state(int(state["mp_state"]))
         vcpu.set_vcpu_events(VcpuEvents.unpack(bytes.fromhex(state["events"])))
     except (KeyError, ValueError, TypeError) as exc:
