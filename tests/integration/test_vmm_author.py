@@ -97,3 +97,21 @@ def test_setup_mce(kvm):
         assert cap & 0xFF == banks
         with pytest.raises(ConfigError, match="MCE banks"):
             vm.vcpus[0].setup_mce(0)
+
+
+def test_vcpu_limits_hold():
+    # freestanding guests: the runtime's 16, all started and reporting
+    with MicroVM("smp", vcpus=16, memory="128M") as vm:
+        assert vm.run(timeout=120) == 16
+        assert b"all 16 cpus reported" in vm.console_output
+    # any other VM: 64 vCPUs with their own APIC IDs
+    config = VmConfig(entry=EntryState(mode="real", rip=0x7C00), memory="16M", vcpus=64)
+    with build(config) as vmm:
+        assert len(vmm.vcpus) == 64
+        assert vmm.vcpus[63].get_lapic().get(0x20) >> 24 == 63
+
+
+def test_mp_table_holds_64_cpus():
+    from hvkit.arch.x86.mptable import build_mptable
+    table = build_mptable(64)
+    assert table.count(b"PCMP") == 1

@@ -64,3 +64,43 @@ def test_fault_report_raises_guest_crash(mem):
     e = info.value
     assert "#PF" in str(e) and "cr2=0xdead000" in str(e)
     assert e.vcpu == 1 and e.data["vector"] == 14
+
+
+@pytest.mark.parametrize("nr,handler,match", [
+    (5, 3, "not callable"),
+    (-1, lambda c: 0, "not an integer"),
+    (1 << 64, lambda c: 0, "not an integer"),
+    ("0x1000", lambda c: 0, "not an integer"),
+    (True, lambda c: 0, "not an integer"),
+])
+def test_bad_registrations_refused(mem, nr, handler, match):
+    port = HypercallPort(mem)
+    with pytest.raises(ConfigError, match=match):
+        port.register(nr, handler)
+
+
+def test_numbers_stay_in_their_owners_range(mem):
+    from hvkit.devices.hypercall import RANGES, owner_of
+    from hvkit.memory import dedup
+    from hvkit.time import probe
+    ordered = sorted(RANGES)
+    for (a0, a1, *_), (b0, b1, *_) in zip(ordered, ordered[1:]):
+        assert a1 < b0, "hypercall ranges overlap"
+    assert {owner_of(n) for n in (dedup.HC_DEDUP_INFO, dedup.HC_DEDUP_ENABLE,
+                                  dedup.HC_DEDUP_DISABLE)} == {"dedup"}
+    assert owner_of(dedup.HC_GATE) == "gate"
+    assert {owner_of(probe.HC_HOST_NS), owner_of(probe.HC_TICKS_READY)} == {"time"}
+    port = HypercallPort(mem)
+    port.register(0x1100, lambda c: 0, "x", owner="dedup")
+    with pytest.raises(ConfigError, match="not in the range of 'dedup'"):
+        port.register(0x1200, lambda c: 0, "y", owner="dedup")
+
+
+def test_state_names_the_registered_calls(mem):
+    port = HypercallPort(mem)
+    port.register(0x1000, lambda c: 0, "sum")
+    state = port.state()
+    assert state["handlers"]["0x1000"] == "sum"
+    other = HypercallPort(mem)
+    with pytest.raises(ConfigError, match="0x1000 \\(sum\\)"):
+        other.restore(state)

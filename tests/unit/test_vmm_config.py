@@ -104,3 +104,13 @@ def test_any_mapping_is_a_config_or_a_config_error(data):
         VmConfig.from_dict(data)
     except ConfigError:
         pass
+
+
+def test_microvm_refuses_wrong_types_before_kvm():
+    from hvkit.machine import MicroVM
+    with pytest.raises(ConfigError, match="vcpus"):
+        MicroVM("hello", vcpus="2")
+    with pytest.raises(ConfigError, match="args"):
+        MicroVM("hello", args=123)
+    with pytest.raises(ConfigError, match="nothing to boot"):
+        MicroVM()
