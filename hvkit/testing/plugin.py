@@ -24,10 +24,12 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from hvkit.testing.snapshots import microvm_clone, vm_snapshots  # noqa: F401 (fixtures)
+
 FORCE_NO_KVM = "HVKIT_FORCE_NO_KVM"
 # Fixtures of this plugin that need KVM: a test using one is skipped like a
 # test marked ``kvm``.
-KVM_FIXTURES = ("kvm", "microvm")
+KVM_FIXTURES = ("kvm", "microvm", "microvm_clone", "vm_snapshots")
 
 
 def _forced_off() -> bool:

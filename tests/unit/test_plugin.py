@@ -21,6 +21,9 @@ def test_cap():
 
 def test_plain():
     pass
+
+def test_clone(microvm_clone):
+    pass
 """
 
 
@@ -33,13 +36,13 @@ def test_forced_no_kvm_skips_at_the_test_with_the_reason(pytester, monkeypatch):
     monkeypatch.setenv("HVKIT_FORCE_NO_KVM", "1")
     pytester.makepyfile(test_suite=SUITE)
     result = run(pytester)
-    result.assert_outcomes(passed=1, skipped=3)
+    result.assert_outcomes(passed=1, skipped=4)
     out = result.stdout.str()
     assert "plugin.py" not in out
     # (pytest prints no line for a skip of a test that carries no marks.)
     result.stdout.fnmatch_lines([
         "SKIPPED [[]1[]] test_suite.py:3: KVM unavailable: HVKIT_FORCE_NO_KVM is set",
-        "SKIPPED [[]1[]] test_suite.py: KVM unavailable: HVKIT_FORCE_NO_KVM is set",
+        "SKIPPED [[]2[]] test_suite.py: KVM unavailable: HVKIT_FORCE_NO_KVM is set",
         "SKIPPED [[]1[]] test_suite.py:10: KVM unavailable: HVKIT_FORCE_NO_KVM is set",
     ])
 
@@ -51,9 +54,9 @@ def test_force_variable_off_means_the_real_probe(pytester, monkeypatch, value):
     pytester.makepyfile(test_suite=SUITE)
     result = run(pytester)
     if ok:
-        result.assert_outcomes(passed=4)
+        result.assert_outcomes(passed=5)
     else:
-        result.assert_outcomes(passed=1, skipped=3)
+        result.assert_outcomes(passed=1, skipped=4)
 
 
 @pytest.mark.parametrize("force", ["1", "0"])
