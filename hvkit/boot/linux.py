@@ -14,11 +14,6 @@ from hvkit.errors import GuestLoadError
 if TYPE_CHECKING:
     from hvkit.memory.guest import GuestMemory
 
-E820_ACPI = 3
-E820_NVS = 4
-E820_UNUSABLE = 5
-
-BOOT_MODES = ("long64", "pvh32")
 
 
 @dataclass

@@ -10,6 +10,9 @@ if TYPE_CHECKING:
 
 E820_RAM = 1
 E820_RESERVED = 2
+E820_ACPI = 3
+E820_NVS = 4
+E820_UNUSABLE = 5
 
 # The top of conventional memory: the last KiB below 640 KiB holds the MP
 # table, and 640 KiB - 1 MiB is the legacy video/BIOS hole.

@@ -15,7 +15,6 @@ GUEST_ARGS_ADDR = 0x8000    # NUL-terminated argument string of freestanding gue
 GUEST_ARGS_MAX = 0x1000
 BOOT_STACK_TOP = 0x8_0000   # per-vCPU boot stacks grow down from here, 16 KiB each
 BOOT_STACK_SIZE = 0x4000
-KERNEL_LOAD_ADDR = 0x10_0000
 HIMEM_START = 0x10_0000
 
 # 32-bit PCI hole and the local/IO APIC: no RAM here.
