@@ -168,3 +168,32 @@ def test_register_refuses_bad_ranges():
     for base, length in ((-1, 4), (0, 0), (0, -4), ("0", 4), (0, 1.5)):
         with pytest.raises(ConfigError):
             bus.register(base, length, Regs())
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(ranges=st.lists(st.tuples(st.integers(0, 0x200), st.integers(1, 0x40)), max_size=6),
+       accesses=st.lists(st.tuples(st.integers(0, 0x260), st.sampled_from([1, 2, 4, 8]),
+                                   st.booleans()), max_size=40))
+def test_devices_only_see_accesses_inside_their_range(ranges, accesses):
+    bus = Bus("mmio")
+    devices = []
+    for base, length in ranges:
+        d = Checked(length)
+        try:
+            bus.register(base, length, d)
+        except ConfigError:
+            continue
+        devices.append((base, length, d))
+    outside = 0
+    for addr, size, is_write in accesses:
+        if is_write:
+            bus.write(addr, bytes(size))
+        else:
+            assert len(bus.read(addr, size)) == size
+        outside += not any(b <= addr and addr + size <= b + n for b, n, _ in devices)
+    assert all(d.bad == [] for _, _, d in devices)
+    assert bus.unhandled == outside
