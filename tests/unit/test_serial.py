@@ -211,3 +211,26 @@ def test_fast_path_state_follows_the_model():
     assert u.fast.rx_ready == 0
     wr(u, s.RBR_THR, ord("Z"))            # slow path writes reach the same sink
     assert sink.getvalue() == b"Z"
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["r", "w", "feed"]), st.integers(0, 7),
+                          st.sampled_from([1, 1, 1, 2, 4]), st.integers(0, 255)),
+                max_size=60))
+def test_any_guest_access_sequence_keeps_the_model_sane(ops):
+    u, sink, irq = make()
+    fed = 0
+    for op, off, size, val in ops:
+        if op == "feed":
+            fed += u.feed(bytes([val]) * 3, timeout=0)
+        elif op == "r":
+            assert len(u.read(off, size)) == size
+        else:
+            u.write(off, bytes([val]) * size)
+        assert len(u.rx) <= s.RX_LIMIT
+        assert bool(rd(u, s.LSR) & s.LSR_DR) == bool(u.rx)
+    assert fed % 3 == 0
