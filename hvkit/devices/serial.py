@@ -124,6 +124,8 @@ class Serial16550:
         waits (it queues what fits now). The return value is then less than
         ``len(data)``; the caller sends the rest later. ``close()`` makes a
         waiting feed return at once, and a closed UART queues nothing (0).
+        Call it from a host thread, never from a vCPU thread with a timeout
+        of None: that vCPU could not run the guest that makes room.
         """
         view = memoryview(data).cast("B")
         total, done = len(view), 0
