@@ -49,3 +49,19 @@ def test_scan_anchor_registers_one_page_and_releases_it():
     with ksm.ScanAnchor():
         assert mergeable_mappings() == base + 1
     assert mergeable_mappings() == base
+
+
+def test_set_inside_a_tuning_is_restored_and_limited(ksm_off):
+    ksm_off.set(pages_to_scan=123)
+    assert ksm.read_stats().pages_to_scan == 123
+    with pytest.raises(ksm.KsmError, match="run=2 refused"):
+        ksm_off.set(run=2)
+
+
+def test_set_refuses_a_knob_the_tuning_would_not_restore():
+    st = ksm.ksm_status()
+    if not st.usable:
+        pytest.skip(f"KSM not usable: {st.reason}")
+    with ksm.KsmTuning(run=0) as t:
+        with pytest.raises(ksm.KsmError, match="would not be restored"):
+            t.set(sleep_millisecs=5)
