@@ -217,6 +217,13 @@ cdef class NativeVm:
             raise ValueError(f"port range {base:#x}+{length} refused")
         return index
 
+    def remove_ports(self, int base, int length) -> int:
+        """Stop serving [base, base+length) in C; returns entries removed.
+        Exits there go to Python (and the bus) from the next one on."""
+        if not (0 <= base and base + length <= 0x10000 and length > 0):
+            raise ValueError(f"port range {base:#x}+{length} is outside the I/O space")
+        return hv_ports_remove(&self.ports, base, length)
+
     def add_serial(self, int base, SerialFastPath serial not None) -> int:
         self._keep.append(serial)
         return self._add(base, 8, HV_PORT_SERIAL, &serial.s)

@@ -142,6 +142,21 @@ int hv_ports_add(hv_ports *ports, uint16_t base, uint16_t len, int kind, void *s
     return n;
 }
 
+int hv_ports_remove(hv_ports *ports, uint16_t base, uint16_t len)
+{
+    int removed = 0;
+    int n = __atomic_load_n(&ports->n, __ATOMIC_ACQUIRE);
+    for (int i = 0; i < n; i++) {
+        hv_port *p = &ports->ports[i];
+        if (p->base == base && p->len == len &&
+            __atomic_load_n(&p->kind, __ATOMIC_ACQUIRE) != HV_PORT_REMOVED) {
+            __atomic_store_n(&p->kind, HV_PORT_REMOVED, __ATOMIC_RELEASE);
+            removed++;
+        }
+    }
+    return removed;
+}
+
 int hv_io_data_ok(const struct kvm_run *run, size_t map_size)
 {
     uint64_t off = run->io.data_offset;
@@ -169,11 +184,14 @@ int hv_serve_port(hv_runner *r, struct kvm_run *run)
         hv_port *p = &ports->ports[i];
         if (port < p->base || port >= (uint32_t)p->base + p->len)
             continue;
+        int kind = __atomic_load_n(&p->kind, __ATOMIC_ACQUIRE);
+        if (kind == HV_PORT_REMOVED)
+            continue;
         /* An access that runs past the range's end is the bus's to refuse. */
         if (port + size > (uint32_t)p->base + p->len)
             return 0;
         uint32_t off = port - p->base;
-        switch (p->kind) {
+        switch (kind) {
         case HV_PORT_NULL:
             if (run->io.direction == KVM_EXIT_IO_IN)
                 memset(data, 0, (size_t)size * count);

@@ -15,6 +15,7 @@
 #define HV_EXIT_REASONS 64
 
 enum hv_port_kind {
+    HV_PORT_REMOVED = 0,  /* taken off the bus: the slot stays, never matches */
     HV_PORT_SERIAL = 1,   /* 16550: THR writes and LSR reads */
     HV_PORT_EXIT = 2,     /* a write stops the VM with the value as exit code */
     HV_PORT_NULL = 3,     /* writes dropped, reads return zeros (counted) */
@@ -90,6 +91,10 @@ void hv_sink_unlock(hv_sink *s);
 /* Append a port range to the table (visible to running vCPUs at once);
  * returns its index, or -1 if the table is full or the range invalid. */
 int hv_ports_add(hv_ports *ports, uint16_t base, uint16_t len, int kind, void *state);
+/* Stop serving the range [base, base+len) in C (running vCPUs see it at
+ * once; the slot is not reused, so a vCPU reading it stays safe); returns
+ * how many entries were removed. */
+int hv_ports_remove(hv_ports *ports, uint16_t base, uint16_t len);
 
 int hv_kick_signal_install(void);
 int hv_kick_signal(void);

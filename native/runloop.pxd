@@ -67,6 +67,7 @@ cdef extern from "runloop.h" nogil:
     void hv_sink_lock(hv_sink *s)
     void hv_sink_unlock(hv_sink *s)
     int hv_ports_add(hv_ports *ports, uint16_t base, uint16_t len, int kind, void *state)
+    int hv_ports_remove(hv_ports *ports, uint16_t base, uint16_t len)
     int hv_io_data_ok(const kvm_run *run, size_t map_size)
     int hv_serve_port(hv_runner *r, kvm_run *run)
     int hv_kick_signal_install()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import bisect
 import threading
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Callable, Protocol, runtime_checkable
 
 from hvkit.errors import ConfigError, HvkitError
 
@@ -63,6 +63,9 @@ class Bus:
         self._writer = threading.Lock()
         self.unhandled = 0
         self.straddling = 0
+        #: called with each Mapping taken off the bus, so whoever serves the
+        #: same range elsewhere (a VMM's native run loop) stops serving it too
+        self.unregister_listeners: list[Callable[[Mapping], None]] = []
 
     def register(self, base: int, length: int, device: Device,
                  name: str | None = None) -> Mapping:
@@ -89,8 +92,11 @@ class Bus:
             for i, m in enumerate(maps):
                 if m.device is device and (base is None or m.base == base):
                     self._table = (bases[:i] + bases[i + 1:], maps[:i] + maps[i + 1:])
-                    return
-        raise ConfigError(f"{self.name}: device {device!r} is not registered")
+                    break
+            else:
+                raise ConfigError(f"{self.name}: device {device!r} is not registered")
+        for listener in list(self.unregister_listeners):
+            listener(m)
 
     def find(self, addr: int) -> Mapping | None:
         """The mapping whose range holds ``addr``, or None."""

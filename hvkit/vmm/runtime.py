@@ -68,6 +68,7 @@ class Vmm:
         self.memory: "GuestMemory | None" = None
         self.vcpus: list["Vcpu"] = []
         self.io_bus = Bus("port-io")
+        self.io_bus.unregister_listeners.append(self._port_unregistered)
         self.mmio_bus = Bus("mmio")
         self.console = _native.ConsoleSink()
         self.serial: "Serial16550 | None" = None
@@ -131,17 +132,15 @@ class Vmm:
                 self._native_ports[(base, length)] = device
 
     def remove_device(self, bus: Bus, device: Device, base: int | None = None) -> None:
-        """Take a device off a bus, and out of the native loop with it, so
-        a removed port stops answering."""
-        for (b, length), dev in list(self._native_ports.items()):
-            if dev is device and (base is None or b == base):
-                remove = getattr(self.vm.native, "remove_ports", None)
-                if remove is None:
-                    raise HvkitError("this build of hvkit's native layer cannot remove "
-                                     "a natively served device")
-                remove(b, length)
-                del self._native_ports[(b, length)]
+        """Take a device off a bus (``bus.unregister`` does the same): a port
+        served in C stops answering there too."""
         bus.unregister(device, base)
+
+    def _port_unregistered(self, mapping: Any) -> None:
+        key = (mapping.base, mapping.length)
+        if self._native_ports.get(key) is mapping.device and self.vm is not None:
+            self.vm.native.remove_ports(mapping.base, mapping.length)
+            del self._native_ports[key]
 
     def add_pci_device(self, device: "PciDevice", slot: int | None = None) -> int:
         """Plug a PCI function into bus 0 (see hvkit.vmm.pci); returns its devfn."""
@@ -274,9 +273,7 @@ class Vmm:
         if self.serial is None:
             raise HvkitError("this VM has no serial port")
         raw = data.encode() if isinstance(data, str) else bytes(data)
-        taken = self.serial.feed(raw, timeout=timeout) if _feed_takes_timeout(self.serial) \
-            else self.serial.feed(raw)
-        return len(raw) if taken is None else taken
+        return self.serial.feed(raw, timeout=timeout)
 
     @property
     def stopping(self) -> bool:
@@ -327,6 +324,8 @@ class Vmm:
                 self.error = error
             self._cond.notify_all()
         self._finished.set()
+        if self.serial is not None:
+            self.serial.close()       # a send_input waiting for room must not wait on a dead guest
         for vcpu in self.vcpus:
             if vcpu.runner is not None:
                 vcpu.kick()
@@ -488,10 +487,3 @@ class Vmm:
         except Exception:
             pass
 
-
-def _feed_takes_timeout(serial: Any) -> bool:
-    import inspect
-    try:
-        return "timeout" in inspect.signature(serial.feed).parameters
-    except (TypeError, ValueError):
-        return False

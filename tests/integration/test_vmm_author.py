@@ -115,3 +115,29 @@ def test_mp_table_holds_64_cpus():
     from hvkit.arch.x86.mptable import build_mptable
     table = build_mptable(64)
     assert table.count(b"PCMP") == 1
+
+
+def removed_ports_program() -> bytes:
+    # mov al,'A'; mov dx,0x3f8; out dx,al; mov eax,7; mov dx,0x500; out dx,eax;
+    # mov eax,9; mov dx,0x600; out dx,eax; hlt
+    return bytes.fromhex("b041" "baf803" "ee" "66b807000000" "ba0005" "66ef"
+                         "66b809000000" "ba0006" "66ef" "f4")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_removed_port_stops_answering(native):
+    from hvkit.devices.exit_port import ExitPort
+    with MicroVM(entry=EntryState(mode="real", rip=0x7C00), memory="16M",
+                 native_devices=native) as vm:
+        vm.memory.write(0x7C00, removed_ports_program())
+        vm.add_device(vm.io_bus, 0x600, 4, ExitPort(vm.request_exit), "exit2")
+        vm.io_bus.unregister(vm.io_bus.find(0x500).device)        # the bus alone is enough
+        vm.remove_device(vm.io_bus, vm.serial)
+        assert vm.io_bus.find(0x500) is None and vm.io_bus.find(0x3F8) is None
+        assert vm.run(timeout=20) == 9              # the removed exit port did not answer
+        assert vm.console_output == b""             # nor did the removed UART
+    with MicroVM(entry=EntryState(mode="real", rip=0x7C00), memory="16M",
+                 native_devices=native) as vm:
+        vm.memory.write(0x7C00, removed_ports_program())
+        assert vm.run(timeout=20) == 7
+        assert vm.console_output == b"A"
