@@ -36,6 +36,8 @@ class SnapshotCache:
         self.paths: dict[str, str] = {}
         #: the console output of each key's boot, up to the snapshot
         self.boot_output: dict[str, bytes] = {}
+        #: boots made per key (one, unless a boot failed and was retried)
+        self.boots: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def path(self, key: str, make: "Callable[[], MicroVM]", ready: bytes,
@@ -44,6 +46,7 @@ class SnapshotCache:
             if key in self.paths:
                 return self.paths[key]
             path = os.path.join(self.root, key.replace(os.sep, "_"))
+            self.boots[key] = self.boots.get(key, 0) + 1
             vm = make()
             try:
                 vm.start()

@@ -161,3 +161,18 @@ def test_pci_devices_are_refused_for_now(tmp_path):
         vm.pause()
         with pytest.raises(SnapshotError, match="PCI"):
             vm.snapshot(str(tmp_path / "s"))
+
+
+def boot_echo():
+    return MicroVM("echo")
+
+
+@pytest.mark.parametrize("text", [b"one", b"two", b"three"])
+def test_the_fixture_boots_once_and_clones_per_test(microvm_clone, vm_snapshots, text):
+    vm = microvm_clone("echo-fixture", boot_echo, ready=b"echo ready")
+    assert b"echo ready" in vm_snapshots.boot_output["echo-fixture"]
+    assert vm_snapshots.boots["echo-fixture"] == 1
+    vm.start()
+    vm.send_input(text + b"\x04")
+    assert vm.wait(20) == len(text)
+    assert vm.console_output == text
