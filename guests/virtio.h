@@ -360,8 +360,21 @@ static inline int vq_pop(struct vq *q, u32 *id, u32 *len)
     }
     volatile struct vused_elem *e =
         (volatile struct vused_elem *)(q->used + 4 + 8ul * (q->last_used % q->size));
-    *id = e->id;
-    *len = e->len;
+    /* The element is read until two reads a moment apart agree, for the
+     * same reason (a read may return what the memory held earlier). */
+    u32 i0 = e->id, l0 = e->len;
+    for (;;) {
+        for (int k = 0; k < 64; k++)
+            cpu_relax();
+        u32 i1 = e->id, l1 = e->len;
+        if (i1 == i0 && l1 == l0)
+            break;
+        vq_glitches++;
+        i0 = i1;
+        l0 = l1;
+    }
+    *id = i0;
+    *len = l0;
     q->last_used++;
     return 1;
 }
@@ -371,7 +384,15 @@ static inline int vq_pop(struct vq *q, u32 *id, u32 *len)
 static __attribute__((unused)) int lapic_pending(u8 vector)
 {
     volatile u32 *irr = (volatile u32 *)(LAPIC_BASE + 0x200 + 0x10ul * (vector / 32));
-    return (int)(*irr >> (vector % 32) & 1);
+    /* KVM injects an irqfd's IOAPIC interrupt from a work item: give it
+     * a moment rather than read the IRR once. */
+    for (u64 t0 = rdtsc(); rdtsc() - t0 < 2600000000ul;) {
+        if (*irr >> (vector % 32) & 1)
+            return 1;
+        for (int k = 0; k < 1000; k++)
+            cpu_relax();
+    }
+    return 0;
 }
 
 /* Route the device's interrupt to ``vector`` on APIC 0: MSI-X entry 0 for
