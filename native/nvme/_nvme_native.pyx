@@ -34,7 +34,7 @@ cdef extern from "engine.h":
         uint64_t bytes_read, bytes_written, read_commands, write_commands, media_errors
     struct nvme_run_stats:
         uint64_t passes, work_passes, commands, max_pass, poll_hits, poll_expired, preempted
-        uint64_t rearm_saves, kicks, timeouts, grows, shrinks
+        uint64_t rearm_saves, kicks, timeouts, grows, shrinks, contended
         uint64_t work_ns, io_ns, poll_ns, sleep_ns
         int64_t window_ns, window_min_ns, window_max_ns
     struct nvme_engine:
@@ -46,6 +46,7 @@ cdef extern from "engine.h":
         uint16_t *cq_order
         int ncq
         int dbbuf
+        int poll_always
         uint64_t shadow_gpa, eventidx_gpa
         uint32_t coalesce_threshold
         int *irq_fds
@@ -161,6 +162,17 @@ cdef class NativeEngine:
         pass) concurrently through io_uring; False if the kernel refuses
         (I/O then stays synchronous)."""
         return nvme_enable_uring(self.e) == 0
+
+    @property
+    def poll_always(self):
+        """Poll within the window even when the host has more runnable
+        threads than CPUs (default False: then the loop sleeps on the kick,
+        since spinning would take the core the vCPU needs)."""
+        return bool(self.e.poll_always)
+
+    @poll_always.setter
+    def poll_always(self, bint value):
+        self.e.poll_always = value
 
     @property
     def uring(self):
@@ -351,7 +363,7 @@ cdef class NativeEngine:
                 "max_pass": r.max_pass, "poll_hits": r.poll_hits,
                 "poll_expired": r.poll_expired, "preempted": r.preempted,
                 "rearm_saves": r.rearm_saves, "kicks": r.kicks, "timeouts": r.timeouts,
-                "window_grows": r.grows, "window_shrinks": r.shrinks,
+                "window_grows": r.grows, "window_shrinks": r.shrinks, "contended": r.contended,
                 "work_ns": r.work_ns, "io_ns": r.io_ns, "poll_ns": r.poll_ns,
                 "sleep_ns": r.sleep_ns, "window_ns": r.window_ns,
                 "window_min_ns": r.window_min_ns, "window_max_ns": r.window_max_ns}

@@ -413,6 +413,8 @@ int nvme_engine_init(struct nvme_engine *e, uint8_t *page, uint64_t max_transfer
     e->page = page;
     e->kick_fd = e->ctrl_fd = -1;
     e->max_transfer = max_transfer;
+    e->loadavg_fd = open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
+    e->ncpus = sysconf(_SC_NPROCESSORS_ONLN);
     e->sqs = calloc(NVME_QID_LIMIT, sizeof(*e->sqs));
     e->cqs = calloc(NVME_QID_LIMIT, sizeof(*e->cqs));
     e->max_runs = max_transfer / PAGE_SIZE_NVME + 2;
@@ -441,6 +443,9 @@ int nvme_engine_init(struct nvme_engine *e, uint8_t *page, uint64_t max_transfer
 
 void nvme_engine_free(struct nvme_engine *e)
 {
+    if (e->loadavg_fd >= 0)
+        close(e->loadavg_fd);
+    e->loadavg_fd = -1;
     free(e->sqs);
     free(e->cqs);
     free(e->runs);
@@ -1606,6 +1611,30 @@ static int wait_fds(struct nvme_engine *e, int timeout_ms, int *err, int *kicked
 
 #define PREEMPTED_NS 50000     /* a pass longer than this: the CPU went elsewhere */
 #define POLL_MIN_NS 10000      /* a window growing from 0 starts here */
+#define CONTENTION_CHECK_NS 1000000   /* while polling, look at the CPUs this often */
+
+/* More runnable threads than CPUs (/proc/loadavg's running count, which
+ * includes us and a vCPU spinning on its completions): a core we spin on
+ * is a core the vCPU or another program waits for, so polling costs more
+ * than the exits it saves. */
+static int cpus_contended(struct nvme_engine *e)
+{
+    if (e->poll_always || e->loadavg_fd < 0 || e->ncpus < 1)
+        return 0;
+    char buf[128];
+    ssize_t n = pread(e->loadavg_fd, buf, sizeof(buf) - 1, 0);
+    if (n <= 0)
+        return 0;
+    buf[n] = 0;
+    char *p = buf;
+    for (int i = 0; i < 3; i++) {
+        p = strchr(p, ' ');
+        if (!p)
+            return 0;
+        p++;
+    }
+    return strtol(p, NULL, 10) > e->ncpus;
+}
 
 static void window_set(struct nvme_engine *e, int64_t w)
 {
@@ -1640,7 +1669,7 @@ int nvme_run(struct nvme_engine *e, int64_t poll_ns)
         e->window_set = 1;
         s->window_ns = s->window_min_ns = s->window_max_ns = poll_ns;
     }
-    int64_t last_work = now_ns(), prev = last_work;
+    int64_t last_work = now_ns(), prev = last_work, checked = last_work;
     int err = 0;
     unsigned spins = 0;
     int polled = 0;           /* a window is running since last_work */
@@ -1677,6 +1706,13 @@ int nvme_run(struct nvme_engine *e, int64_t poll_ns)
          * waiting for a scheduler tick: sleep on the kick instead */
         int preempted = t - prev > PREEMPTED_NS;
         prev = t;
+        if (e->window && t - checked > CONTENTION_CHECK_NS) {
+            checked = t;
+            if (cpus_contended(e)) {
+                s->contended++;
+                window_set(e, 0);
+            }
+        }
         if (t - last_work < e->window && !preempted) {
 #if defined(__x86_64__) || defined(__i386__)
             __builtin_ia32_pause();
@@ -1716,7 +1752,7 @@ int nvme_run(struct nvme_engine *e, int64_t poll_ns)
             return err;
         if (kicked) {
             s->kicks++;
-            if (woke - last_work <= poll_ns && !preempted && poll_ns) {
+            if (woke - last_work <= poll_ns && !preempted && poll_ns && !cpus_contended(e)) {
                 int64_t w = e->window * 2;
                 if (w < POLL_MIN_NS)
                     w = POLL_MIN_NS;

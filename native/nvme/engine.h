@@ -99,6 +99,7 @@ struct nvme_run_stats {
     uint64_t kicks;           /* sleeps ended by a doorbell (the guest exited) */
     uint64_t timeouts;        /* sleeps that ran their 1 s */
     uint64_t grows, shrinks;  /* poll window decisions */
+    uint64_t contended;       /* times polling stopped: more runnable threads than CPUs */
     uint64_t work_ns, io_ns, poll_ns, sleep_ns;
     int64_t window_ns, window_min_ns, window_max_ns;
 };
@@ -141,6 +142,9 @@ struct nvme_engine {
     struct nvme_run_stats rs;
     int64_t window;                 /* the adaptive poll window, kept across nvme_run calls */
     int window_set;
+    int loadavg_fd;                 /* /proc/loadavg: runnable threads, -1 if unreadable */
+    int poll_always;                /* poll within the window even on a contended host */
+    long ncpus;
     /* the pipeline: a FIFO of fetched reads/writes whose I/O runs through
      * io_uring while more are fetched; its runs live in e->runs from
      * fifo_base, max_runs per slot */

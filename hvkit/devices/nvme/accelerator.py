@@ -17,6 +17,12 @@ Other backends (block files, guarded backends) keep the Python
 ``Accelerator(engine=...)``) = "auto" (default), "native" (refuse to start
 without it) or "python".
 
+The C loop polls the doorbells for an adaptive window after its last
+command, and not at all while the host has more runnable threads than CPUs
+(a spinning poller then takes the core the vCPU needs to ring it; the
+guest's doorbell exits cost less). ``HVKIT_NVME_POLL=always`` polls within
+the window regardless, for hosts with a core set aside for it.
+
 The data path never crosses the VMM in steady state (mode c):
   guest writes SQ entries and the shadow doorbell in its RAM (a memfd this
   process maps), rings the MMIO doorbell only when the EventIdx rule says
@@ -306,6 +312,7 @@ class _Server:
                 self.native = self.engine = make_native_engine(
                     mem, page, namespaces, msg["max_transfer"])
                 self.native.set_fds(self.kick_fd, self.sock.fileno(), self.irq_fds)
+                self.native.poll_always = os.environ.get("HVKIT_NVME_POLL") == "always"
                 return
             if choice == "native":
                 raise ConfigError(f"native NVMe engine unavailable: {why}")
