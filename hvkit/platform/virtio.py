@@ -224,6 +224,13 @@ class VirtioAttachment(Attachment):
 
     # -- lifecycle and snapshots --------------------------------------------------------
 
+    def on_pause(self) -> None:
+        """The device stops too: guest memory holds still while paused."""
+        self.device.pause()
+
+    def on_resume(self) -> None:
+        self.device.resume()
+
     def state(self) -> dict[str, Any]:
         if self.transport is None:
             return {}

@@ -180,6 +180,10 @@ def test_bad_placements_are_config_errors(vmm, tmp_path):
 
 def test_state_round_trip_and_close(vmm):
     att = vmm.attach(VirtioAttachment(VirtioRng(vmm.memory), "pci"))
+    att.on_pause()
+    assert att.device.worker.held                                    # a paused VM's device waits
+    att.on_resume()
+    assert not att.device.worker.held
     state = att.state()
     assert state["transport"] == "pci" and state["devfn"] == att.devfn
     att.restore(state)

@@ -119,3 +119,21 @@ def test_reset_waits_and_drops_requests_in_flight(setup):
     drv.set_status(0)                                 # the I/O finishes, no completion
     assert be.running == 0 and be.data[:4096] == b"y" * 4096
     assert dev.queues[0].used_idx == 0
+
+
+def test_pause_answers_what_is_in_flight_and_serves_nothing_new(setup):
+    dev, q, drv, be = setup
+    for i in range(3):
+        request(q, B.T_OUT, 8 * i, b"z" * 4096)
+    drv.kick(0)
+    time.sleep(0.005)
+    dev.pause()
+    assert be.running == 0 and dev.queues[0].used_idx == 3      # answered before pause returned
+    request(q, B.T_IN, 0, in_len=4096)
+    drv.kick(0)
+    snapshot = dev.mem.read(0, 4 << 20)
+    time.sleep(0.1)
+    assert dev.queues[0].used_idx == 3                            # not served while paused
+    assert dev.mem.read(0, 4 << 20) == snapshot                   # guest memory holds still
+    dev.resume()
+    assert len(q.wait(4)) == 4

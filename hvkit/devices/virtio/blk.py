@@ -190,6 +190,15 @@ class VirtioBlk(VirtioDevice):
         for fut in list(self._inflight):
             fut.result()
 
+    def pause(self) -> None:
+        """Reads and writes in flight finish and are answered first."""
+        super().pause()
+        with self.lock:
+            if self._pool is not None and self.active:
+                self._wait_inflight()
+                if self._push_done():
+                    self.signal_used(0)
+
     def state(self) -> dict:
         """Reads and writes in flight finish and are completed first, so a
         snapshot holds no request the device has taken but not answered."""

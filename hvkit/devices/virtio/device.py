@@ -358,6 +358,15 @@ class VirtioDevice:
                 os.close(fd)
             self._notify_fds = []
 
+    def pause(self) -> None:
+        """Stop serving (queues and host-side I/O) until ``resume()``, so
+        guest memory and the device's state hold still: for snapshots of a
+        paused VM. What arrives meanwhile waits in its fd."""
+        self.worker.hold()
+
+    def resume(self) -> None:
+        self.worker.release()
+
     def on_close(self) -> None:
         """Free host resources (override)."""
 

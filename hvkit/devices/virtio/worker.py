@@ -4,7 +4,8 @@ A notification only writes to the queue's eventfd; the worker wakes on it
 (the same eventfd can be registered with KVM as an ioeventfd, so the guest
 reaches the worker without any exit to user space). Devices with host-side
 fds (a tap, sockets) register those too. Callbacks run under the device
-lock, one at a time.
+lock, one at a time. ``hold()``/``release()`` stop and restart them, so a
+paused VM's memory holds still while a snapshot is taken.
 """
 from __future__ import annotations
 
@@ -52,6 +53,8 @@ class Worker:
         self._sel.register(self._wake_fd, selectors.EVENT_READ, None)
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._running_gate = threading.Event()
+        self._running_gate.set()
         #: callbacks that raised (logged; the loop goes on)
         self.callback_errors = 0
         #: the exception that ended the loop, if one did
@@ -113,6 +116,9 @@ class Worker:
         try:
             while not self._stopping:
                 events = sel.select(self._timeout())
+                self._running_gate.wait()
+                if self._stopping:
+                    break
                 with self.lock:
                     self._run_timers()
                     for key, mask in events:
@@ -132,9 +138,25 @@ class Worker:
             self.error = exc
             log.exception("%s: worker stopped", self.name)
 
+    def hold(self) -> None:
+        """Stop running callbacks until ``release()``: the callback running
+        now finishes first (it holds the lock), nothing new starts. Events
+        wait in their fds. Not from a callback."""
+        self._running_gate.clear()
+        with self.lock:
+            pass
+
+    def release(self) -> None:
+        self._running_gate.set()
+
+    @property
+    def held(self) -> bool:
+        return not self._running_gate.is_set()
+
     def stop(self) -> None:
         """End the loop and join the thread (not from a callback)."""
         self._stopping = True
+        self._running_gate.set()
         os.eventfd_write(self._stop_fd, 1)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
