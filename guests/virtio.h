@@ -381,6 +381,9 @@ static inline int vq_pop(struct vq *q, u32 *id, u32 *len)
 
 /* -- interrupts, checked in the LAPIC IRR ------------------------------------ */
 
+/* PCI: use INTx instead of MSI-X (set before virtio_route_irq) */
+static int intx_mode;
+
 static __attribute__((unused)) int lapic_pending(u8 vector)
 {
     volatile u32 *irr = (volatile u32 *)(LAPIC_BASE + 0x200 + 0x10ul * (vector / 32));
@@ -396,7 +399,8 @@ static __attribute__((unused)) int lapic_pending(u8 vector)
 }
 
 /* Route the device's interrupt to ``vector`` on APIC 0: MSI-X entry 0 for
- * every queue (PCI), or the IOAPIC pin, edge, unmasked (MMIO). Call before
+ * every queue (PCI; INTx with intx_mode), or the IOAPIC pin, edge,
+ * unmasked (MMIO). Call before
  * the queues are set up (PCI) and pass msix=0 to virtio_queue. */
 static __attribute__((unused)) void virtio_route_irq(struct vdev *d, u8 vector)
 {
@@ -409,6 +413,18 @@ static __attribute__((unused)) void virtio_route_irq(struct vdev *d, u8 vector)
         *win = 0;                           /* destination APIC 0 */
         *sel = 0x10 + 2 * (u32)d->irq;
         *win = vector;                      /* fixed, physical, edge, high, unmasked */
+        return;
+    }
+    if (intx_mode) {
+        /* MSI-X stays off: the function's INTx pin, level-triggered, on the
+         * IOAPIC input its Interrupt Line names; the ISR read deasserts it. */
+        u32 pin = pci_read(d->pci_dev, 0x3C) & 0xFF;
+        volatile u32 *sel = (volatile u32 *)IOAPIC_BASE;
+        volatile u32 *win = (volatile u32 *)(IOAPIC_BASE + 0x10);
+        *sel = 0x10 + 2 * pin + 1;
+        *win = 0;
+        *sel = 0x10 + 2 * pin;
+        *win = vector | (1u << 15);         /* level, active high, unmasked */
         return;
     }
     if (!d->msix_table)

@@ -14,6 +14,8 @@
  *   event_idx=0  do not negotiate VIRTIO_F_EVENT_IDX
  *   irq=1      ask for interrupts (MSI-X vector or IOAPIC pin -> vector 0x40)
  *              and check that one is pending in the local APIC afterwards
+ *   intx=1     with irq=1 on PCI: INTx instead of MSI-X; the ISR register
+ *              must show the queue interrupt, and reading it lowers the line
  *   seed=N     the pattern's seed (default 0x5EED)
  * The pattern of page p is a function of p and the seed (see fill()), so the
  * host can check what the guest wrote. Exit code 0 on success, otherwise
@@ -157,6 +159,7 @@ int main(int cpu, int ncpus, const char *args)
     int qd = rt_arg_int(args, "qd", 1);
     int bench = rt_arg_int(args, "bench", 0);
     int want_irq = rt_arg_int(args, "irq", 0);
+    intx_mode = rt_arg_int(args, "intx", 0);
     int want_event_idx = rt_arg_int(args, "event_idx", 1);
     u64 pages = (u64)rt_arg_int(args, "lbas", 4096);
     seed = (u32)rt_arg_int(args, "seed", 0x5EED);
@@ -172,7 +175,7 @@ int main(int cpu, int ncpus, const char *args)
               use_mmio ? "virtio-mmio" : "virtio-pci", capacity, dev.features);
     if (want_irq)
         virtio_route_irq(&dev, IRQ_VECTOR);
-    virtio_queue(&dev, &q, 0, 256, ring_mem, want_irq && !dev.mmio ? 0 : 0xFFFF);
+    virtio_queue(&dev, &q, 0, 256, ring_mem, want_irq && !dev.mmio && !intx_mode ? 0 : 0xFFFF);
     if (q.size < 3 * qd)
         vfail(6, "queue too small for the queue depth", q.size);
     vq_interrupts(&dev, &q, want_irq);
@@ -298,6 +301,13 @@ int main(int cpu, int ncpus, const char *args)
     if (want_irq) {
         if (!lapic_pending(IRQ_VECTOR))
             vfail(30, "no interrupt pending in the local APIC", IRQ_VECTOR);
+        if (intx_mode && !dev.mmio) {
+            u8 isr = r8(dev.isr, 0);
+            if (!(isr & 1))
+                vfail(31, "ISR does not show the queue interrupt", isr);
+            if (pci_read(dev.pci_dev, 0x04) & (1u << 19))
+                vfail(32, "INTx still asserted after the ISR read", 0);
+        }
         rt_puts("virtio-blk: interrupt delivered\n");
     }
     rt_puts("virtio-blk: ok\n");

@@ -69,13 +69,15 @@ def test_blk_notifications_skip_the_vmm(microvm, disk_path, transport):
     assert counts[1] - counts[0] < 10, counts
 
 
-@pytest.mark.parametrize("transport", ["pci", "mmio"])
+@pytest.mark.parametrize("transport", ["pci", "pci-intx", "mmio"])
 def test_blk_interrupt_reaches_the_guest(microvm, disk_path, transport):
-    """MSI-X through an irqfd (PCI) or the IOAPIC pin (MMIO) leaves the
-    vector pending in the guest's local APIC."""
+    """MSI-X through an irqfd (PCI), INTx with the ISR register (PCI with
+    MSI-X off) or the IOAPIC pin (MMIO) leaves the vector pending in the
+    guest's local APIC."""
     mmio = int(transport == "mmio")
-    vm = microvm("virtio_blk", memory="64M", args=f"mmio={mmio} ios=16 irq=1")
-    vm.add_virtio_blk(disk_path, transport=transport)
+    intx = int(transport == "pci-intx")
+    vm = microvm("virtio_blk", memory="64M", args=f"mmio={mmio} intx={intx} ios=16 irq=1")
+    vm.add_virtio_blk(disk_path, transport=transport.split("-")[0])
     assert vm.run(timeout=120) == 0, vm.console_output.decode()
     assert "interrupt delivered" in vm.console_output.decode()
 
