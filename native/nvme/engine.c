@@ -1721,9 +1721,13 @@ int nvme_run(struct nvme_engine *e, int64_t poll_ns)
         }
         if (nvme_inflight(e)) {
             /* I/O in flight: block on it rather than spin (the guest's next
-             * commands mostly follow our completions anyway) */
+             * commands mostly follow our completions anyway); the window
+             * starts again after it */
+            if (polled)
+                s->poll_ns += (uint64_t)(t - last_work);
             pipe_reap(e, 1);
-            prev = now_ns();
+            last_work = prev = now_ns();
+            polled = 0;
             continue;
         }
         s->poll_ns += (uint64_t)(t - last_work);
