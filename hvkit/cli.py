@@ -11,7 +11,8 @@ import time
 from typing import NoReturn, Sequence
 
 from hvkit import __version__
-from hvkit.errors import ConfigError, GuestCrash, GuestTimeout, HvkitError
+from hvkit.errors import GuestCrash, GuestTimeout, HvkitError
+from hvkit.vmargs import add_vm_arguments, vm_config
 
 #: exit codes every subcommand shares
 EXIT_USAGE = 2        # bad input: a one-line "hvkit: error: ..." on stderr
@@ -49,51 +50,9 @@ def _forward_stdin(vm) -> None:
             return
 
 
-def _timeout(text: str) -> float | None:
-    """--timeout: seconds; 0 or "none" for no limit."""
-    from hvkit.vmm.config import check_timeout
-    if text.strip().lower() in ("none", "no", "off"):
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    try:
-        return check_timeout(value, "--timeout")
-    except HvkitError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def run_config(args: argparse.Namespace):
-    """The VmConfig ``hvkit run`` boots: --config FILE, with flags on top."""
-    from hvkit.vmm.config import VmConfig
-    flags: dict[str, object] = {}
-    for name, value in (("guest", args.guest), ("kernel", args.kernel),
-                        ("initrd", args.initrd), ("cmdline", args.cmdline),
-                        ("memory", args.memory), ("vcpus", args.vcpus), ("args", args.args),
-                        ("boot", args.boot), ("host_profile", args.host_profile)):
-        if value is not None:
-            flags[name] = value
-    if args.config:
-        base = VmConfig.from_file(args.config).to_dict()
-        if "guest" in flags or "kernel" in flags:
-            base.pop("guest", None)
-            base.pop("kernel", None)
-            if "guest" in flags:
-                base.pop("initrd", None)
-                base.pop("cmdline", None)
-        base.update(flags)
-        if "timeout" in base and args.timeout is None:
-            args.timeout = base["timeout"]
-        return VmConfig.from_dict(base)
-    if "guest" not in flags and "kernel" not in flags:
-        raise ConfigError("nothing to boot: give a guest ELF, --kernel or --config")
-    return VmConfig(**flags)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from hvkit.machine import MicroVM
-    config = run_config(args)
+    config = vm_config(args)
     if args.print_config:
         print(config.to_json())
         return 0
@@ -182,28 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      "bundled guest such as 'hello'), or a Linux kernel with "
                                      "--kernel, or a VM described by --config FILE (JSON).",
                          epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("guest", nargs="?", help="guest ELF path or bundled guest name")
-    run.add_argument("--config", metavar="FILE",
-                     help="a VM config (JSON, see --print-config); flags given override it")
+    add_vm_arguments(run)
     run.add_argument("--print-config", action="store_true",
                      help="print the VM config these arguments make, as JSON, and exit")
     run.add_argument("--json", action="store_true",
                      help="print a JSON report (exit reason, code, console, exits, timings) "
                           "instead of streaming the console")
-    run.add_argument("--kernel", "-k", help="Linux bzImage or ELF vmlinux (PVH)")
-    run.add_argument("--initrd", help="initramfs for --kernel")
-    run.add_argument("--cmdline", help="kernel command line (default: serial console, "
-                                       "reboot ends the VM)")
-    run.add_argument("--boot", choices=("auto", "pvh", "bzimage"), default=None,
-                     help="how to enter the kernel (auto: by format)")
-    run.add_argument("--host-profile", choices=("auto", "pvm", "none"), default=None,
-                     help="CPUID and command-line shaping for this host (default: detect)")
-    run.add_argument("--memory", "-m", default=None,
-                     help="guest RAM: 64M, 1G; a bare number is MiB (default 64M)")
-    run.add_argument("--vcpus", "-c", type=int, default=None, help="number of vCPUs (default 1)")
-    run.add_argument("--timeout", "-t", type=_timeout, default=None,
-                     help="stop after S seconds (0 or none: no limit, the default)")
-    run.add_argument("--args", "-a", default=None, help="argument string passed to the guest")
     run.add_argument("--input", "-i", action="store_true", help="forward stdin to the serial console")
     run.add_argument("--verbose", "-v", action="store_true", help="print progress to stderr")
     run.set_defaults(func=cmd_run)
@@ -220,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_disk_commands(sub)
     from hvkit.boot.initramfs_cli import add_initramfs_command
     add_initramfs_command(sub)
+    from hvkit.snapshot.cli import add_snapshot_commands
+    add_snapshot_commands(sub)
     return p
 
 

@@ -176,3 +176,24 @@ def test_the_fixture_boots_once_and_clones_per_test(microvm_clone, vm_snapshots,
     vm.send_input(text + b"\x04")
     assert vm.wait(20) == len(text)
     assert vm.console_output == text
+
+
+def hvkit_cmd(*args, input=None):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "hvkit", *args], capture_output=True,
+                          input=input, timeout=120)
+
+
+def test_snapshot_commands(tmp_path):
+    snap = str(tmp_path / "s")
+    r = hvkit_cmd("snapshot", "create", snap, "echo", "--at", "echo ready", "--timeout", "60")
+    assert r.returncode == 0, r.stderr
+    assert b"saved" in r.stdout
+    r = hvkit_cmd("snapshot", "info", snap, "--json")
+    info = json.loads(r.stdout)
+    assert info["guest"] == "echo" and info["vcpus"] == 1 and "serial" in info["devices"]
+    for mode in ("cow", "lazy"):
+        r = hvkit_cmd("snapshot", "restore", snap, "--input", "--memory", mode,
+                      "--timeout", "30", input=b"four\x04")
+        assert r.returncode == 4 and r.stdout == b"four", (r.stdout, r.stderr)
