@@ -11,7 +11,7 @@ import time
 from typing import NoReturn, Sequence
 
 from hvkit import __version__
-from hvkit.errors import GuestCrash, GuestTimeout, HvkitError
+from hvkit.errors import ConfigError, GuestCrash, GuestTimeout, HvkitError
 from hvkit.vmargs import add_vm_arguments, vm_config
 
 #: exit codes every subcommand shares
@@ -50,6 +50,33 @@ def _forward_stdin(vm) -> None:
             return
 
 
+def _device_spec(text: str, flag: str, options: tuple[str, ...]) -> tuple[str, set[str]]:
+    """"PATH[,opt...]" -> (PATH, {opt}); unknown options are refused by name."""
+    head, *opts = text.split(",")
+    if not head:
+        raise ConfigError(f"{flag} {text!r}: give a path or name first")
+    bad = [o for o in opts if o not in options]
+    if bad:
+        raise ConfigError(f"{flag} {text!r}: unknown option {bad[0]!r} (known: "
+                          f"{', '.join(options)})")
+    return head, set(opts)
+
+
+def add_run_devices(vm, args: argparse.Namespace) -> None:
+    """--disk, --net and --vsock as virtio devices (pci unless ",mmio")."""
+    for spec in args.disk:
+        path, opts = _device_spec(spec, "--disk", ("ro", "mmio"))
+        vm.add_virtio_blk(path, read_only="ro" in opts,
+                          transport="mmio" if "mmio" in opts else "pci")
+    for spec in args.net:
+        name, opts = _device_spec(spec, "--net", ("mmio",))
+        vm.add_virtio_net(None if name == "auto" else name,
+                          transport="mmio" if "mmio" in opts else "pci")
+    if args.vsock:
+        path, opts = _device_spec(args.vsock, "--vsock", ("mmio",))
+        vm.add_virtio_vsock(3, path, transport="mmio" if "mmio" in opts else "pci")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from hvkit.machine import MicroVM
     config = vm_config(args)
@@ -62,6 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     started = time.monotonic()
     with MicroVM(config=config, console=None if args.json else sys.stdout) as vm:
+        add_run_devices(vm, args)
         if args.verbose and config.is_linux:
             print(f"hvkit: command line: {vm.cmdline}", file=sys.stderr)
         built = time.monotonic()
@@ -147,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true",
                      help="print a JSON report (exit reason, code, console, exits, timings) "
                           "instead of streaming the console")
+    run.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,mmio]",
+                     help="a raw disk image as virtio-blk (repeatable)")
+    run.add_argument("--net", action="append", default=[], metavar="TAP|auto[,mmio]",
+                     help="virtio-net on a tap hvkit creates with that name (auto: a free "
+                          "name); removed when the VM ends (repeatable)")
+    run.add_argument("--vsock", metavar="UDS[,mmio]",
+                     help="virtio-vsock, guest CID 3, Firecracker's host side on UDS")
     run.add_argument("--input", "-i", action="store_true", help="forward stdin to the serial console")
     run.add_argument("--verbose", "-v", action="store_true", help="print progress to stderr")
     run.set_defaults(func=cmd_run)

@@ -57,3 +57,12 @@ def test_info_text():
     r = hvkit("info")
     assert r.returncode == 0
     assert b"TSC:" in r.stdout and b"KSM:" in r.stdout
+
+
+def test_run_with_a_virtio_disk(tmp_path):
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(8 << 20))
+    for spec in (str(img), f"{img},mmio"):
+        r = hvkit("run", "virtio_blk", "--disk", spec, "--timeout", "60")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert b"virtio-blk: ok" in r.stdout
