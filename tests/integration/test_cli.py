@@ -62,7 +62,7 @@ def test_info_text():
 def test_run_with_a_virtio_disk(tmp_path):
     img = tmp_path / "d.img"
     img.write_bytes(bytes(8 << 20))
-    for spec in (str(img), f"{img},mmio"):
-        r = hvkit("run", "virtio_blk", "--disk", spec, "--timeout", "60")
+    for spec, args in ((str(img), "mmio=0"), (f"{img},mmio", "mmio=1")):
+        r = hvkit("run", "virtio_blk", "--disk", spec, "--args", args, "--timeout", "60")
         assert r.returncode == 0, r.stdout + r.stderr
         assert b"virtio-blk: ok" in r.stdout
