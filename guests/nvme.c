@@ -354,6 +354,14 @@ int main(int cpu, int ncpus, const char *args)
     ioq = (struct queue){ iosq, iocq, 1, IOQ_ENTRIES, 0, 0, 1, 0, 0 };
 
     if (use_shadow) {
+        /* MSI-X on (every vector stays masked: this driver polls): the
+         * controller refuses shadow doorbells with pin interrupts */
+        int cap = (int)(pci_read(dev, 0x34) & 0xFC);
+        while (cap && ((pci_read(dev, cap) & 0xFF) != 0x11))
+            cap = (int)((pci_read(dev, cap) >> 8) & 0xFC);
+        if (!cap)
+            fail(25, "no MSI-X capability", 0);
+        pci_write(dev, cap, pci_read(dev, cap) | (0x8000u << 16));
         if (!(oacs & (1 << 8)))
             fail(11, "controller lacks Doorbell Buffer Config", oacs);
         memset(&e, 0, sizeof(e));

@@ -358,6 +358,7 @@ def test_shadow_doorbells_in_process(rig):
     d = rig.drv
     d.wanted_doorbells = "shadow"
     d.enable()
+    rig.ctrl.config_write(rig.ctrl.msix.cap_offset + 2, struct.pack("<H", 0x8000))   # MSI-X on
     d.create_io_queues(1, 32)
     assert d.configure_dbbuf().status == 0
     buf, p1, p2 = d.buffer(4096)
@@ -370,6 +371,25 @@ def test_shadow_doorbells_in_process(rig):
     assert d.mmio_doorbells == 20
     assert d.admin(S.ADM_DBBUF_CONFIG, prp1=p1 + 8, prp2=p2).status == S.INVALID_FIELD
     assert d.admin(S.ADM_DBBUF_CONFIG, prp1=MEM, prp2=p1).status == S.INVALID_FIELD
+
+
+def test_shadow_doorbells_need_msix(rig):
+    """With pin interrupts the controller must see each CQ head update to
+    drop INTx, and a shadow CQ head is written without an MMIO write (Linux
+    with pci=nomsi would take an endless level interrupt): the Doorbell
+    Buffer Config is refused while MSI-X is off, the queues keep working on
+    MMIO doorbells, and INTx drops once the host consumed the entries."""
+    d = rig.drv
+    d.enable()
+    assert d.create_io_queues(1, 8, vector=0).status == 0
+    c = d.configure_dbbuf()
+    assert c.status == S.COMMAND_SEQUENCE_ERROR
+    assert rig.ctrl.dbbuf is None
+    buf, p1, _ = d.buffer(4096)
+    d.submit(1, S.IO_READ, nsid=1, prp1=p1, cdw12=7)
+    assert rig.intx.level
+    assert d.reap(1)[0].status == 0
+    assert not rig.intx.level
 
 
 def test_need_event_rule():

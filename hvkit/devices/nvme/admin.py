@@ -333,6 +333,12 @@ class AdminCommandSet:
                 return S.INVALID_FIELD, 0
         if shadow == eventidx:
             return S.INVALID_FIELD, 0
+        if not c.msix.enabled:
+            # With pin interrupts (INTx) the controller must see every CQ
+            # head update to drop the level, and a shadow CQ head is written
+            # without one; refused, the host keeps MMIO doorbells (Linux
+            # carries on without the buffer).
+            return S.COMMAND_SEQUENCE_ERROR, 0
         c.configure_dbbuf(shadow, eventidx)
         return S.SUCCESS, 0
 
