@@ -55,16 +55,49 @@ def boot(microvm, kernel, initrd, run, **kw):
     return microvm(kernel=kernel, initrd=initrd, cmdline=cmdline, memory="256M", **kw)
 
 
-def test_hvkit_kernel_runs_command_and_passes_exit_code(microvm, kernel_dir, initrd):
-    vm = boot(microvm, os.path.join(kernel_dir, "vmlinux"), initrd,
-              "echo hello-from-linux; uname -r; exit 7")
-    code = vm.run(timeout=BOOT_TIMEOUT)
+def command_initrd() -> bytes:
+    """An init that prints its marker, then runs one line read from the
+    console and hands its status to the VMM: booted once, snapshotted while
+    it waits, and each clone is given its own command."""
+    from hvkit.boot.initramfs import init_script
+    text = init_script(commands=["echo HVKIT-SNAP-READY", "read -r cmd", 'sh -c "$cmd"',
+                                 "rc=$?"], run_cmdline_arg=None)
+    return busybox_initramfs(init_script_text=text)
+
+
+def linux_clone(microvm_clone, kernel_dir):
+    from hvkit import MicroVM
+
+    def boot_linux():
+        return MicroVM(kernel=os.path.join(kernel_dir, "vmlinux"), initrd=command_initrd(),
+                       memory="256M", cmdline="console=ttyS0 reboot=k panic=-1")
+    return microvm_clone("linux-shell", boot_linux, ready=b"HVKIT-SNAP-READY",
+                         timeout=BOOT_TIMEOUT)
+
+
+def test_hvkit_kernel_runs_command_and_passes_exit_code(microvm_clone, vm_snapshots,
+                                                        kernel_dir):
+    vm = linux_clone(microvm_clone, kernel_dir)
+    boot = vm_snapshots.boot_output["linux-shell"].decode(errors="replace")
+    assert "HVKIT-INIT-OK" in boot
+    assert "BIOS-e820" in boot or "e820" in boot
+    vm.start()
+    vm.send_input("echo hello-from-linux; uname -r; exit 7\n")
+    code = vm.wait(BOOT_TIMEOUT)
     out = vm.console_output.decode(errors="replace")
-    assert "HVKIT-INIT-OK" in out
     assert "hello-from-linux" in out
     assert code == 7, out[-2000:]
-    assert vm.linux.mode == "pvh32"
-    assert "BIOS-e820" in out or "e820" in out
+
+
+def test_linux_clones_answer_commands_independently(microvm_clone, kernel_dir):
+    """Two clones of one booted Linux, each given its own command: no boot."""
+    a, b = linux_clone(microvm_clone, kernel_dir), linux_clone(microvm_clone, kernel_dir)
+    a.start()
+    b.start()
+    a.send_input("echo clone-a > /tmp/f; cat /tmp/f; exit 11\n")
+    b.send_input("cat /tmp/f 2>/dev/null || echo no-file; exit 12\n")
+    assert a.wait(BOOT_TIMEOUT) == 11 and b"clone-a" in a.console_output
+    assert b.wait(BOOT_TIMEOUT) == 12 and b"no-file" in b.console_output
 
 
 def test_hvkit_kernel_smp(microvm, kernel_dir, initrd):
