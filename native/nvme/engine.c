@@ -1713,21 +1713,23 @@ int nvme_run(struct nvme_engine *e, int64_t poll_ns)
                 window_set(e, 0);
             }
         }
-        if (t - last_work < e->window && !preempted) {
-#if defined(__x86_64__) || defined(__i386__)
-            __builtin_ia32_pause();
-#endif
-            continue;
-        }
         if (nvme_inflight(e)) {
-            /* I/O in flight: block on it rather than spin (the guest's next
-             * commands mostly follow our completions anyway); the window
+            /* I/O in flight and no new command: block on the ring rather
+             * than spin, leaving the CPU to the vCPU (its next commands
+             * mostly follow our completions, and a command it adds
+             * meanwhile is fetched at the next completion); the window
              * starts again after it */
             if (polled)
                 s->poll_ns += (uint64_t)(t - last_work);
             pipe_reap(e, 1);
             last_work = prev = now_ns();
             polled = 0;
+            continue;
+        }
+        if (t - last_work < e->window && !preempted) {
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#endif
             continue;
         }
         s->poll_ns += (uint64_t)(t - last_work);
