@@ -1,8 +1,10 @@
 """Linux's NVMe driver on hvkit's controller with MSI and MSI-X off
 (``pci=nomsi``): the controller's interrupts are PCI INTx, routed through
-the MP table to the IOAPIC, and Linux must find that route ("can't find IRQ
-for PCI INT A; probably buggy MP table" otherwise, and the driver falls back
-to polling its admin queue, or fails)."""
+the MP table to the IOAPIC. Linux must find that route (otherwise: "can't
+find IRQ for PCI INT A; probably buggy MP table", and the device is removed),
+and the INTx level must drop once the driver consumed its completions (the
+controller refuses shadow doorbells without MSI-X, so every CQ head update
+reaches it)."""
 import os
 import subprocess
 
