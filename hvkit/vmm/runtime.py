@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from hvkit.vmm.pci import PciPlatform
 
 #: VM states, in lifecycle order
-STATES = ("created", "running", "paused", "stopped", "closed")
+STATES = ("created", "starting", "running", "paused", "stopped", "closed")
 
 _kick_lock = threading.Lock()
 _kick_installed = False
