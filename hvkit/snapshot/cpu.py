@@ -82,6 +82,23 @@ def load_vcpu(vcpu: "Vcpu", state: dict[str, Any], cpuid: list[CpuidEntry]) -> N
         raise SnapshotError(f"vCPU {vcpu.id}: saved state is damaged: {exc}") from None
 
 
+MSR_IA32_TSC = 0x10
+
+
+def tsc_took(vcpu: "Vcpu", state: dict[str, Any]) -> bool:
+    """Did the host take the saved TSC (read it back: within a tenth of a
+    second's worth of cycles)? Hosts that run guests on the raw host TSC
+    accept the write and ignore it."""
+    saved = state.get("msrs", {}).get(f"{MSR_IA32_TSC:#x}")
+    if saved is None:
+        return True
+    try:
+        now = vcpu.get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC]
+    except KvmError:
+        return True
+    return abs(now - int(saved)) < max(int(state.get("tsc_khz") or 0), 1) * 100
+
+
 def cpuid_to_json(entries: Iterable[CpuidEntry]) -> list[list[int]]:
     return [[e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx] for e in entries]
 

@@ -168,7 +168,7 @@ def restore(path: str | os.PathLike, *, memory: str = "cow",
                                 "shown: " + ", ".join(lost))
         for vcpu, state in zip(vmm.vcpus, vcpus):
             cpu.load_vcpu(vcpu, state, saved_cpuid)
-        _load_vm(vmm, header["vm"])
+        _load_vm(vmm, header["vm"], tsc_restored=cpu.tsc_took(vmm.vcpus[0], vcpus[0]))
         for name, state in header.get("devices", {}).items():
             dev = getattr(vmm, name, None) if name in LEGACY else None
             if dev is None:
@@ -193,14 +193,18 @@ def restore(path: str | os.PathLike, *, memory: str = "cow",
     return vm
 
 
-def _load_vm(vmm: "Vmm", state: dict[str, Any]) -> None:
+def _load_vm(vmm: "Vmm", state: dict[str, Any], tsc_restored: bool = True) -> None:
+    """The irqchip, PIT and kvmclock. kvmclock goes back to its saved value
+    only where the guest's TSC did too: on a host that ignores TSC writes
+    (nested PVM) the TSC has moved on, and a kvmclock held back would
+    disagree with it for as long as the snapshot is old."""
     kvm_vm = vmm.vm
     try:
         for key in ("pic_master", "pic_slave", "ioapic"):
             kvm_vm.set_irqchip(bytes.fromhex(state[key]))
         if state.get("pit") and vmm.config.ports.pit:
             kvm_vm.set_pit2(bytes.fromhex(state["pit"]))
-        if state.get("clock_ns") is not None:
+        if state.get("clock_ns") is not None and tsc_restored:
             kvm_vm.set_clock(int(state["clock_ns"]))
     except (KeyError, ValueError, TypeError) as exc:
         raise SnapshotError(f"saved VM state is damaged: {exc}") from None
