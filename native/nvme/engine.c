@@ -1288,6 +1288,42 @@ static int batch_flush(struct nvme_engine *e)
     return n;
 }
 
+
+/* The command at ``sq``'s head, when its CQ has room for the completion
+ * and the entry lies in guest RAM; the caller moves the head once it takes
+ * it. A ring outside guest RAM stops its queue rather than spin. */
+static int peek_sqe(struct nvme_engine *e, struct nvme_sq *sq, struct nvme_cq **cqp,
+                    struct sqe *c)
+{
+    if (sq->head == sq->tail)
+        return 0;
+    struct nvme_cq *cq = &e->cqs[sq->cqid];
+    if (!cq->used)
+        return 0;
+    if (cq_full_r(cq)) {
+        refresh_cq(e, cq);
+        if (cq_full_r(cq)) {
+            cq->blocked = 1;
+            return 0;
+        }
+    }
+    cq->blocked = 0;
+    if (gm_read(e, sq->gpa + (uint64_t)sq->head * SQE_SIZE, SQE_SIZE, c)) {
+        e->ring_errors++;
+        sq->head = sq->tail;
+        return 0;
+    }
+    *cqp = cq;
+    return 1;
+}
+
+/* A read or write the fast path can run: PRPs (no SGL), no fused op. */
+static int plain_rw(const struct sqe *c)
+{
+    return (c->opcode == IO_READ || c->opcode == IO_WRITE) && !(c->flags & 0x3)
+           && !((c->flags >> 6) & 0x3);
+}
+
 int nvme_process(struct nvme_engine *e, int budget)
 {
     if (budget < 0) {
@@ -1302,29 +1338,12 @@ int nvme_process(struct nvme_engine *e, int budget)
         progress = 0;
         for (int i = 0; i < e->nsq; i++) {
             struct nvme_sq *sq = &e->sqs[e->sq_order[i]];
-            if (sq->head == sq->tail)
-                continue;
-            struct nvme_cq *cq = &e->cqs[sq->cqid];
-            if (!cq->used)
-                continue;
-            if (cq_full_r(cq)) {
-                refresh_cq(e, cq);
-                if (cq_full_r(cq)) {
-                    cq->blocked = 1;
-                    continue;
-                }
-            }
-            cq->blocked = 0;
+            struct nvme_cq *cq;
             struct sqe c;
-            if (gm_read(e, sq->gpa + (uint64_t)sq->head * SQE_SIZE, SQE_SIZE, &c)) {
-                /* the ring left guest RAM: stop this queue rather than spin */
-                e->ring_errors++;
-                sq->head = sq->tail;
+            if (!peek_sqe(e, sq, &cq, &c))
                 continue;
-            }
             sq->head = (sq->head + 1) % sq->size;
-            int rw = (c.opcode == IO_READ || c.opcode == IO_WRITE) && !(c.flags & 0x3)
-                     && !((c.flags >> 6) & 0x3);
+            int rw = plain_rw(&c);
             if (rw) {
                 if (e->nbatch == NVME_BATCH ||
                     (e->run_base && e->run_base + e->max_runs > NVME_RING_OPS))
@@ -1493,27 +1512,11 @@ int nvme_pump(struct nvme_engine *e, int budget)
         progress = 0;
         for (int i = 0; i < e->nsq && !full; i++) {
             struct nvme_sq *sq = &e->sqs[e->sq_order[i]];
-            if (sq->head == sq->tail)
-                continue;
-            struct nvme_cq *cq = &e->cqs[sq->cqid];
-            if (!cq->used)
-                continue;
-            if (cq_full_r(cq)) {
-                refresh_cq(e, cq);
-                if (cq_full_r(cq)) {
-                    cq->blocked = 1;
-                    continue;
-                }
-            }
-            cq->blocked = 0;
+            struct nvme_cq *cq;
             struct sqe c;
-            if (gm_read(e, sq->gpa + (uint64_t)sq->head * SQE_SIZE, SQE_SIZE, &c)) {
-                e->ring_errors++;
-                sq->head = sq->tail;
+            if (!peek_sqe(e, sq, &cq, &c))
                 continue;
-            }
-            int rw = (c.opcode == IO_READ || c.opcode == IO_WRITE) && !(c.flags & 0x3)
-                     && !((c.flags >> 6) & 0x3);
+            int rw = plain_rw(&c);
             if (rw) {
                 struct uring *u = e->uring;
                 if (e->fifo_count == NVME_FIFO ||
