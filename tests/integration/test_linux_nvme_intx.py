@@ -6,7 +6,6 @@ and the INTx level must drop once the driver consumed its completions (the
 controller refuses shadow doorbells without MSI-X, so every CQ head update
 reaches it)."""
 import os
-import subprocess
 
 import pytest
 
@@ -14,25 +13,7 @@ from hvkit.boot.initramfs import busybox_initramfs
 
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BOOT_TIMEOUT = 600
-
-
-@pytest.fixture(scope="module")
-def kernel_dir():
-    d = os.environ.get("HVKIT_LINUX_DIR", "")
-    if not d:
-        if not os.path.exists("/usr/src/linux-source-6.1.tar.xz"):
-            pytest.skip("the hvkit guest kernel is not built and linux-source-6.1 is not "
-                        "installed (scripts/test.sh installs and builds both)")
-        out = subprocess.run([os.path.join(ROOT, "guests", "linux", "build.sh"), "--print-dir"],
-                             capture_output=True, text=True, timeout=3600)
-        if out.returncode != 0:
-            pytest.fail("guests/linux/build.sh failed: " + out.stderr[-2000:])
-        d = out.stdout.strip().splitlines()[-1]
-    if not os.path.exists(os.path.join(d, "vmlinux")):
-        pytest.skip(f"no hvkit guest kernel in {d}")
-    return d
 
 
 @pytest.mark.parametrize("mode", ["mmio", "shadow"])
