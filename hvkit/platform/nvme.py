@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Iterable
 
 from hvkit.devices.nvme.controller import NvmeController
 from hvkit.errors import ConfigError
-from hvkit.platform.msi import KvmMsi
+from hvkit.platform.msi import KvmMsi, MsixIrqfds
 from hvkit.vmm.attach import Attachment
 
 if TYPE_CHECKING:
@@ -56,8 +56,7 @@ class NvmeAttachment(Attachment):
         self.ctrl: NvmeController | None = None
         self.acc = None
         self._doorbells: list[tuple[int, int]] = []
-        self._gsis: dict[int, int] = {}
-        self._irqfd_on: set[int] = set()
+        self._irqfds = MsixIrqfds()
         self._stop_r, self._stop_w = -1, -1
         self._watcher: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -105,17 +104,7 @@ class NvmeAttachment(Attachment):
         indices = range(self.ctrl.msix.vectors) if index is None else [index]
         with self._lock:
             for i in indices:
-                vec = self.ctrl.msix.vector(i)
-                fd = self.acc.irq_fds[i]
-                if vec.masked:
-                    if i in self._irqfd_on:
-                        self.vm.irqfd(fd, self._gsis[i], deassign=True)
-                        self._irqfd_on.discard(i)
-                    continue
-                self._gsis[i] = self.vm.add_msi_route(vec.address, vec.data, self._gsis.get(i))
-                if i not in self._irqfd_on:
-                    self.vm.irqfd(fd, self._gsis[i])
-                    self._irqfd_on.add(i)
+                self._irqfds.sync(self.vm, i, self.ctrl.msix.vector(i), self.acc.irq_fds[i])
         if self._stop_w >= 0:
             os.write(self._stop_w, b"r")    # the watcher re-reads which fds are its own
 
@@ -124,7 +113,7 @@ class NvmeAttachment(Attachment):
         while True:
             with self._lock:
                 fds = {self.acc.irq_fds[i]: i for i in range(len(self.acc.irq_fds))
-                       if i not in self._irqfd_on}
+                       if i not in self._irqfds.on}
             ready, _, _ = select.select([self._stop_r, *fds], [], [])
             for fd in ready:
                 if fd == self._stop_r:

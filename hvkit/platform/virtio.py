@@ -31,6 +31,7 @@ from hvkit.devices.virtio.mmio import VirtioMmioTransport
 from hvkit.devices.virtio.pci import BAR as NOTIFY_BAR
 from hvkit.devices.virtio.pci import VirtioPciTransport
 from hvkit.errors import ConfigError
+from hvkit.platform.msi import MsixIrqfds
 from hvkit.vmm.attach import Attachment
 
 if TYPE_CHECKING:
@@ -117,8 +118,7 @@ class VirtioAttachment(Attachment):
         self.irq: int | None = None
         self._ioeventfds: list[tuple[int, int, int, int | None]] = []
         self._irq_fds: list[int] = []
-        self._gsis: dict[int, int] = {}
-        self._irqfd_on: set[int] = set()
+        self._irqfds = MsixIrqfds()
         self._msi: IrqfdMsi | None = None
         self._closed = False
 
@@ -172,8 +172,8 @@ class VirtioAttachment(Attachment):
         t.irq = IrqfdPin(fd)
         self.transport = t
         self.vm.irqfd(fd, irq)
-        self._gsis[0] = irq
-        self._irqfd_on.add(0)
+        self._irqfds.gsis[0] = irq
+        self._irqfds.on.add(0)
         vmm.add_device(vmm.mmio_bus, base, MMIO_SIZE, t, f"virtio-mmio.{index}")
         self.mmio_index, self.base, self.irq = index, base, irq
         self._set_ioeventfds([(a, n, fd, m) for a, n, m, fd in t.notify_addresses(base)])
@@ -205,19 +205,9 @@ class VirtioAttachment(Attachment):
             return
         msix = self.transport.msix
         for i in range(msix.vectors) if index is None else [index]:
-            vec = msix.vector(i)
-            fd = self._irq_fds[i]
-            if vec.masked:
-                if i in self._irqfd_on:
-                    self.vm.irqfd(fd, self._gsis[i], deassign=True)
-                    self._irqfd_on.discard(i)
-                continue
-            self._gsis[i] = self.vm.add_msi_route(vec.address, vec.data, self._gsis.get(i))
-            if i not in self._irqfd_on:
-                self.vm.irqfd(fd, self._gsis[i])
-                self._irqfd_on.add(i)
+            self._irqfds.sync(self.vm, i, msix.vector(i), self._irq_fds[i])
         routed = {}
-        for i in self._irqfd_on:
+        for i in self._irqfds.on:
             vec = msix.vector(i)
             routed[(vec.address, vec.data)] = self._irq_fds[i]
         self._msi.routed = routed
@@ -255,17 +245,17 @@ class VirtioAttachment(Attachment):
                     vm.ioeventfd(fd, addr, length, datamatch=match, deassign=True)
                 except OSError as exc:
                     log.debug("%s: ioeventfd release: %s", self.name, exc)
-            for i in list(self._irqfd_on):
+            for i in list(self._irqfds.on):
                 try:
-                    vm.irqfd(self._irq_fds[i], self._gsis[i], deassign=True)
+                    vm.irqfd(self._irq_fds[i], self._irqfds.gsis[i], deassign=True)
                 except OSError as exc:
                     log.debug("%s: irqfd release: %s", self.name, exc)
             if self.kind == "pci":
-                for gsi in self._gsis.values():
+                for gsi in self._irqfds.gsis.values():
                     vm.remove_route(gsi)
         self._ioeventfds = []
-        self._irqfd_on.clear()
-        self._gsis.clear()
+        self._irqfds.on.clear()
+        self._irqfds.gsis.clear()
         if self._msi is not None:
             self._msi.routed = {}
         self.device.close()
