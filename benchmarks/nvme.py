@@ -45,20 +45,14 @@ import hvkit
 from hvkit.machine import MicroVM
 from hvkit.storage.raw import RawFileBackend
 
+from benchlib import cpu_times, fill, pct, tsc_hz
+
 HC_RESULT, HC_START, HC_STATS = 0x1200, 0x1201, 0x1202
 MODES = {"a_mmio": "mmio", "b_ioeventfd": "ioeventfd", "c_shadow": "shadow"}
 PAGES = 16384                      # the LBA range used, in 4 KiB pages (64 MiB)
 
 
 # -- the machine ------------------------------------------------------------------
-
-def cpu_times() -> tuple[int, int]:
-    """(busy, total) jiffies over all CPUs, from /proc/stat."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    total = sum(fields[:8])
-    return total - idle, total
 
 
 class Load:
@@ -104,21 +98,6 @@ class Hog:
     def close(self) -> None:
         self.proc.kill()
         self.proc.wait()
-
-
-def tsc_hz() -> float:
-    from hvkit.kvm import Kvm
-    with Kvm() as kvm:
-        vm = kvm.create_vm()
-        try:
-            return vm.create_vcpu(0).get_tsc_khz() * 1000.0
-        finally:
-            vm.close()
-
-
-def pct(values: list[float], p: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
 
 
 # -- the guest ----------------------------------------------------------------------
@@ -268,17 +247,6 @@ def summarise(runs: list[dict]) -> dict:
     if "engine" in runs[0]:
         out["engine"] = runs[0]["engine"]
     return out
-
-
-def fill(path: str, size: int) -> None:
-    """Write every page once, so that reads (the guest's and fio's) hit
-    allocated blocks rather than holes the file system answers from zeros."""
-    chunk = os.urandom(1 << 20)
-    with open(path, "r+b") as f:
-        for off in range(0, size, len(chunk)):
-            f.write(chunk[:min(len(chunk), size - off)])
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def main() -> int:

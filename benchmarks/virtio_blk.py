@@ -36,16 +36,11 @@ import hvkit
 from hvkit.machine import MicroVM
 from hvkit.storage.raw import RawFileBackend
 
+from benchlib import cpu_times, fill, pct, tsc_hz
+
 HC_BLK_RESULT, HC_BLK_START = 0x1400, 0x1401
 HC_NVME_RESULT, HC_NVME_START = 0x1200, 0x1201
 PAGES = 16384                  # the range used, in 4 KiB pages (64 MiB)
-
-
-def cpu_times() -> tuple[int, int]:
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return sum(fields[:8]) - idle, sum(fields[:8])
 
 
 class Load:
@@ -63,21 +58,6 @@ class Load:
     def record(self) -> dict:
         return {"cpu_busy": self.busy,
                 "loadavg": [[round(x, 2) for x in self.avg0], [round(x, 2) for x in self.avg1]]}
-
-
-def tsc_hz() -> float:
-    from hvkit.kvm import Kvm
-    with Kvm() as kvm:
-        vm = kvm.create_vm()
-        try:
-            return vm.create_vcpu(0).get_tsc_khz() * 1000.0
-        finally:
-            vm.close()
-
-
-def pct(values: list[float], p: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
 
 
 def run_guest(kind: str, qd: int, ios: int, disk: str, hz: float, direct: bool) -> dict:
@@ -170,16 +150,6 @@ def summarise(runs: list[dict]) -> dict:
         if key in runs[0]:
             out[f"{key}_median"] = statistics.median(r[key] for r in runs)
     return out
-
-
-def fill(path: str, size: int) -> None:
-    """Write every page, so that fio reads allocated blocks, not holes."""
-    chunk = os.urandom(1 << 20)
-    with open(path, "r+b") as f:
-        for off in range(0, size, len(chunk)):
-            f.write(chunk[:min(len(chunk), size - off)])
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def git_revision() -> str | None:
