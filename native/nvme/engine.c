@@ -1317,6 +1317,19 @@ static int peek_sqe(struct nvme_engine *e, struct nvme_sq *sq, struct nvme_cq **
     return 1;
 }
 
+/* Read every SQ's tail; a negative budget means "one queue-full of each". */
+static int begin_pass(struct nvme_engine *e, int budget)
+{
+    if (budget < 0) {
+        budget = 0;
+        for (int i = 0; i < e->nsq; i++)
+            budget += (int)e->sqs[e->sq_order[i]].size;
+    }
+    for (int i = 0; i < e->nsq; i++)
+        refresh(e, &e->sqs[e->sq_order[i]]);
+    return budget;
+}
+
 /* A read or write the fast path can run: PRPs (no SGL), no fused op. */
 static int plain_rw(const struct sqe *c)
 {
@@ -1326,13 +1339,7 @@ static int plain_rw(const struct sqe *c)
 
 int nvme_process(struct nvme_engine *e, int budget)
 {
-    if (budget < 0) {
-        budget = 0;
-        for (int i = 0; i < e->nsq; i++)
-            budget += (int)e->sqs[e->sq_order[i]].size;
-    }
-    for (int i = 0; i < e->nsq; i++)
-        refresh(e, &e->sqs[e->sq_order[i]]);
+    budget = begin_pass(e, budget);
     int done = 0, progress = 1;
     while (progress && done < budget) {
         progress = 0;
@@ -1500,13 +1507,7 @@ void nvme_drain(struct nvme_engine *e)
 
 int nvme_pump(struct nvme_engine *e, int budget)
 {
-    if (budget < 0) {
-        budget = 0;
-        for (int i = 0; i < e->nsq; i++)
-            budget += (int)e->sqs[e->sq_order[i]].size;
-    }
-    for (int i = 0; i < e->nsq; i++)
-        refresh(e, &e->sqs[e->sq_order[i]]);
+    budget = begin_pass(e, budget);
     int fetched = 0, progress = 1, full = 0;
     while (progress && !full && fetched < budget) {
         progress = 0;
