@@ -104,11 +104,11 @@ def run_hvkit(elf: str, cpl: int, entry: int, args: str, port: int, n: int,
     with MicroVM(elf, memory="64M", args=args) as vm:
         vm.add_device(vm.io_bus, port, 1, device, "bench")
         if cpl == 0:
-            # Enter the loop directly at CPL0 instead of the runtime's _start,
-            # with the registers MicroVM gives vCPU 0.
+            # Enter the loop directly at CPL0 instead of the runtime, on the
+            # VMM's identity map (MicroVM starts the runtime at CPL3 on its own
+            # tables, so the VMM's are written here).
             setup_mode(vm.vcpus[0], vm.memory, "long", entry, stack=layout.BOOT_STACK_TOP,
-                       regs={"rdi": 0, "rsi": 1, "rdx": layout.GUEST_ARGS_ADDR},
-                       write_tables=False)
+                       regs={"rdi": 0, "rsi": 1, "rdx": layout.GUEST_ARGS_ADDR})
         t0 = time.perf_counter()
         code = vm.run(timeout=600)
         wall = time.perf_counter() - t0

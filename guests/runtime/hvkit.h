@@ -4,7 +4,21 @@
  * rdi = vCPU index, rsi = vCPU count, rdx = address of the argument string.
  * The runtime installs its GDT, TSS (with an I/O bitmap that opens every
  * port), IDT and page tables, then calls main() at CPL3, where this host's
- * KVM runs code natively. */
+ * KVM runs code natively.
+ *
+ * A VMM may instead do that set-up itself, from the addresses rt_layout
+ * publishes, and enter rt_user_start at CPL3 with the same three registers
+ * (hvkit does: CPL0 code is emulated on nested hosts, so the runtime's
+ * set-up costs a millisecond there). It then writes, for each vCPU n:
+ *   - GDT entry tss_index + 2n (16 bytes): a busy 64-bit TSS descriptor
+ *     for tss + n * tss_size, limit tss_size - 1;
+ *   - in that TSS: rsp0 = kstacks + (n + 1) * stack_size, the I/O map base
+ *     = iomap_offset, and the byte at iomap_offset + iomap_bytes = 0xFF;
+ *   - percpu + n * percpu_size: { u64 self; u32 cpu; u32 apic_id; };
+ *   - every IDT gate of the gates table (interrupt/trap gates, selector 0x08);
+ * and sets CS = user_code, SS = DS = ES = user_data, TR = the TSS's
+ * selector, GDTR/IDTR, CR3 = pml4, FS base = its percpu, RFLAGS with IOPL 3
+ * and interrupts off, RSP = ustacks + (n + 1) * stack_size. */
 #ifndef HVKIT_GUEST_H
 #define HVKIT_GUEST_H
 
@@ -22,6 +36,31 @@ typedef unsigned long size_t;
 #define HYPERCALL_PORT 0x510
 
 #define HC_FAULT 1
+
+#define RT_LAYOUT_MAGIC 0x54554f59414c5452ul   /* "RTLAYOUT" */
+#define RT_LAYOUT_VERSION 1
+
+struct rt_gate {
+    u64 handler;
+    u16 vector;
+    u8 type;              /* 0x8E interrupt gate, 0xEE the same open to CPL3 */
+    u8 reserved[5];
+};
+
+/* Where the runtime keeps its CPL0 state (addresses are guest-physical =
+ * virtual; every field 64 bits, so a VMM reads it as an array). */
+struct rt_layout {
+    u64 magic, version, max_cpus;
+    u64 gdt, gdt_size, tss_index, user_code, user_data;
+    u64 idt, idt_size, gates, ngates;
+    u64 tss, tss_size, iomap_offset, iomap_bytes;
+    u64 percpu, percpu_size;
+    u64 kstacks, ustacks, stack_size;
+    u64 pml4, user_entry;
+};
+extern const struct rt_layout rt_layout;
+extern const struct rt_gate rt_gates[];
+void rt_user_start(u64 cpu, u64 ncpus, const char *args);
 
 /* Every vCPU runs main(); vCPU 0's return value is the VM's exit code,
  * other vCPUs park when they return. */

@@ -4,6 +4,8 @@
 #include "hvkit.h"
 
 #define KCODE 0x08
+#define UCODE 0x1b
+#define UDATA 0x23
 #define TSS0_INDEX 5
 #define STACK_SIZE 16384
 #define IOMAP_BYTES 8192
@@ -64,12 +66,6 @@ extern char rt_exc0[], rt_exc1[], rt_exc2[], rt_exc3[], rt_exc4[], rt_exc5[], rt
     rt_exc14[], rt_exc15[], rt_exc16[], rt_exc17[], rt_exc18[], rt_exc19[], rt_exc20[],
     rt_exc21[], rt_exc22[], rt_exc23[], rt_exc24[], rt_exc25[], rt_exc26[], rt_exc27[],
     rt_exc28[], rt_exc29[], rt_exc30[], rt_exc31[], rt_irq_entry[], rt_bp_entry[];
-static char *const exc_stubs[32] = {
-    rt_exc0, rt_exc1, rt_exc2, rt_exc3, rt_exc4, rt_exc5, rt_exc6, rt_exc7, rt_exc8,
-    rt_exc9, rt_exc10, rt_exc11, rt_exc12, rt_exc13, rt_exc14, rt_exc15, rt_exc16,
-    rt_exc17, rt_exc18, rt_exc19, rt_exc20, rt_exc21, rt_exc22, rt_exc23, rt_exc24,
-    rt_exc25, rt_exc26, rt_exc27, rt_exc28, rt_exc29, rt_exc30, rt_exc31,
-};
 
 static struct percpu *this_cpu(void)
 {
@@ -78,21 +74,52 @@ static struct percpu *this_cpu(void)
     return pc;
 }
 
-static void set_gate(int vec, void *fn, u8 type)
-{
-    u64 a = (u64)fn;
-    struct gate *g = &idt[vec];
-    g->off0 = a & 0xFFFF;
-    g->sel = KCODE;
-    g->ist = 0;
-    g->type = type;
-    g->off1 = (a >> 16) & 0xFFFF;
-    g->off2 = a >> 32;
-    g->reserved = 0;
-}
+/* The IDT as data: both _start and a VMM that builds the runtime's state
+ * (see rt_layout) fill it from this one table. */
+const struct rt_gate rt_gates[] = {
+#define EXC(v) { (u64)rt_exc##v, v, 0x8E, {0} }
+    EXC(0), EXC(1), EXC(2), EXC(4), EXC(5), EXC(6), EXC(7), EXC(8), EXC(9),
+    EXC(10), EXC(11), EXC(12), EXC(13), EXC(14), EXC(15), EXC(16), EXC(17), EXC(18),
+    EXC(19), EXC(20), EXC(21), EXC(22), EXC(23), EXC(24), EXC(25), EXC(26), EXC(27),
+    EXC(28), EXC(29), EXC(30), EXC(31),
+#undef EXC
+    { (u64)rt_bp_entry, 3, 0xEE, {0} },   /* int3 allowed from CPL3: the kernel-call gate */
+#define IRQ(v) { (u64)rt_irq_entry, v, 0x8E, {0} }
+    IRQ(32), IRQ(33), IRQ(34), IRQ(35), IRQ(36), IRQ(37), IRQ(38), IRQ(39),
+    IRQ(40), IRQ(41), IRQ(42), IRQ(43), IRQ(44), IRQ(45), IRQ(46), IRQ(47), IRQ(255),
+#undef IRQ
+};
+#define NGATES (sizeof(rt_gates) / sizeof(rt_gates[0]))
+
+const struct rt_layout rt_layout = {
+    .magic = RT_LAYOUT_MAGIC,
+    .version = RT_LAYOUT_VERSION,
+    .max_cpus = MAX_CPUS,
+    .gdt = (u64)rt_gdt,
+    .gdt_size = sizeof(rt_gdt),
+    .tss_index = TSS0_INDEX,
+    .user_code = UCODE,
+    .user_data = UDATA,
+    .idt = (u64)idt,
+    .idt_size = sizeof(idt),
+    .gates = (u64)rt_gates,
+    .ngates = NGATES,
+    .tss = (u64)tss,
+    .tss_size = sizeof(struct tss),
+    .iomap_offset = __builtin_offsetof(struct tss, iomap),
+    .iomap_bytes = IOMAP_BYTES,
+    .percpu = (u64)percpu,
+    .percpu_size = sizeof(struct percpu),
+    .kstacks = (u64)rt_kstacks,
+    .ustacks = (u64)ustacks,
+    .stack_size = STACK_SIZE,
+    .pml4 = (u64)rt_pml4,
+    .user_entry = (u64)rt_user_start,
+};
 
 /* CPL0, once per vCPU: every instruction here is emulated on nested hosts,
- * so the IDT is filled only up to the vectors in use. */
+ * which is why hvkit's VMM does all of this itself and enters
+ * rt_user_start at CPL3 instead (see rt_layout); other VMMs enter _start. */
 u64 rt_cpu_setup(u64 cpu)
 {
     struct tss *t = &tss[cpu];
@@ -110,12 +137,17 @@ u64 rt_cpu_setup(u64 cpu)
     rt_gdt[TSS0_INDEX + 2 * cpu] = (limit & 0xFFFF) | ((base & 0xFFFFFF) << 16) |
         (0x89ul << 40) | (((limit >> 16) & 0xF) << 48) | (((base >> 24) & 0xFF) << 56);
     rt_gdt[TSS0_INDEX + 2 * cpu + 1] = base >> 32;
-    for (int v = 0; v < 32; v++)
-        set_gate(v, exc_stubs[v], 0x8E);
-    set_gate(3, rt_bp_entry, 0xEE);   /* int3 allowed from CPL3: the kernel-call gate */
-    for (int v = 32; v < 48; v++)
-        set_gate(v, rt_irq_entry, 0x8E);
-    set_gate(255, rt_irq_entry, 0x8E);
+    for (u64 i = 0; i < NGATES; i++) {
+        const struct rt_gate *s = &rt_gates[i];
+        struct gate *g = &idt[s->vector];
+        g->off0 = s->handler & 0xFFFF;
+        g->sel = KCODE;
+        g->ist = 0;
+        g->type = s->type;
+        g->off1 = (s->handler >> 16) & 0xFFFF;
+        g->off2 = s->handler >> 32;
+        g->reserved = 0;
+    }
     return (u64)&ustacks[cpu + 1][0];
 }
 

@@ -13,6 +13,7 @@ from hvkit.files import check_regular, read_regular
 from hvkit.errors import GuestLoadError
 
 if TYPE_CHECKING:
+    from hvkit.boot.rtlayout import RuntimeLayout
     from hvkit.memory.guest import GuestMemory
 
 PT_LOAD = "PT_LOAD"
@@ -84,6 +85,17 @@ class ElfImage:
     entry: int
     segments: list[Segment]
     symbols: dict[str, int] = field(default_factory=dict)
+    #: the hvkit runtime's published layout (hvkit.boot.rtlayout), if the
+    #: image has one: the VMM then sets the runtime up and enters it at CPL3
+    runtime: "RuntimeLayout | None" = None
+
+    def read(self, addr: int, size: int) -> bytes | None:
+        """``size`` bytes the file loads at ``addr``, or None if they are not
+        all in one segment's file data."""
+        for seg in self.segments:
+            if seg.paddr <= addr and addr + size <= seg.paddr + len(seg.data):
+                return seg.data[addr - seg.paddr:addr - seg.paddr + size]
+        return None
 
     @property
     def start(self) -> int:
@@ -115,19 +127,19 @@ class ElfImage:
         return self.entry
 
 
-_cache: dict[tuple[str, int, int, bool], ElfImage] = {}
+_cache: dict[tuple[str, int, int, int, int, bool], ElfImage] = {}
 
 
 def parse_elf(path: str | os.PathLike, data: bytes | None = None, *,
               allow_32bit: bool = False) -> ElfImage:
-    """Parse an ELF guest; cached per (path, mtime, size) so that starting
+    """Parse an ELF guest; cached per (path, device, inode, mtime, size) so that starting
     many VMs from one file parses it once. hvkit's own guests are x86-64;
     ``allow_32bit`` also takes i386 images (ELFCLASS32, EM_386), for a VMM
     author's loader that starts them in 32-bit protected mode."""
     p = os.fspath(path)
     if data is None:
         st = check_regular(p, "guest image")
-        key = (p, st.st_mtime_ns, st.st_size, allow_32bit)
+        key = (p, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size, allow_32bit)
         hit = _cache.get(key)
         if hit is not None:
             return hit
@@ -169,4 +181,8 @@ def _parse(path: str, data: bytes, allow_32bit: bool = False) -> ElfImage:
                     symbols[sym.name] = sym["st_value"]
     except ELFError as exc:
         raise GuestLoadError(f"{path}: malformed ELF: {exc}") from None
-    return ElfImage(path, entry, segments, symbols)
+    image = ElfImage(path, entry, segments, symbols)
+    if elf.elfclass == 64:
+        from hvkit.boot.rtlayout import find_layout
+        image.runtime = find_layout(image)
+    return image

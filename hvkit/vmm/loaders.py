@@ -35,18 +35,22 @@ def read_guest(config: VmConfig) -> "ElfImage":
     image = parse_elf(guests.path(config.guest))
     image.check_fits(min(config.memory, layout.MMIO_HOLE_START),
                      reserved_below=layout.HIMEM_START)
+    if image.runtime is not None and config.vcpus > image.runtime.max_cpus:
+        raise ConfigError(f"vcpus: {config.vcpus}, but {image.path}'s runtime holds "
+                          f"{image.runtime.max_cpus}")
     return image
 
 
-def setup_cpu(vcpu: "Vcpu") -> None:
+def setup_cpu(vcpu: "Vcpu") -> Lapic:
     """What firmware would leave: boot MSRs, a clean FPU, LINT0 as ExtINT
-    (the PIC) and LINT1 as NMI."""
+    (the PIC) and LINT1 as NMI. Returns the local APIC's state."""
     vcpu.set_msrs(boot_msrs())
     vcpu.set_fpu(Fpu())
     lapic = vcpu.get_lapic()
     lapic.set(Lapic.LVT_LINT0, APIC_MODE_EXTINT << 8)
     lapic.set(Lapic.LVT_LINT1, APIC_MODE_NMI << 8)
     vcpu.set_lapic(lapic)
+    return lapic
 
 
 def boot_stack(vcpu_id: int) -> int:
@@ -58,14 +62,29 @@ def boot_stack(vcpu_id: int) -> int:
 
 
 def load_freestanding(vmm: "Vmm", image: "ElfImage") -> None:
-    image.load(vmm.memory, zero_bss=False)      # the builder's RAM is fresh: all zero
-    vmm.memory.write(layout.GUEST_ARGS_ADDR, vmm.config.args.encode() + b"\0")
+    """Every vCPU starts with rdi = its index, rsi = the vCPU count, rdx = the
+    argument string: at the ELF entry in long mode at CPL0, or, for an image
+    with the hvkit runtime's layout, already set up at CPL3 (see
+    hvkit.boot.rtlayout: the runtime's own CPL0 set-up is emulated, and
+    slow, on nested hosts)."""
+    memory = vmm.memory
+    image.load(memory, zero_bss=False)      # the builder's RAM is fresh: all zero
+    memory.write(layout.GUEST_ARGS_ADDR, vmm.config.args.encode() + b"\0")
     n = len(vmm.vcpus)
+    rt = image.runtime
+    if rt is not None:
+        memory.write(rt.idt, rt.idt_image)
     for vcpu in vmm.vcpus:
-        setup_cpu(vcpu)
-        setup_mode(vcpu, vmm.memory, "long", image.entry, stack=boot_stack(vcpu.id),
-                   regs={"rdi": vcpu.id, "rsi": n, "rdx": layout.GUEST_ARGS_ADDR},
-                   write_tables=vcpu.id == 0)
+        lapic = setup_cpu(vcpu)
+        if rt is not None:
+            for addr, data in rt.cpu_writes(vcpu.id, lapic.apic_id):
+                memory.write(addr, data)
+            vcpu.set_sregs(rt.entry_sregs(vcpu.get_sregs(), vcpu.id))
+            vcpu.set_regs(rt.entry_regs(vcpu.id, n, layout.GUEST_ARGS_ADDR))
+        else:
+            setup_mode(vcpu, memory, "long", image.entry, stack=boot_stack(vcpu.id),
+                       regs={"rdi": vcpu.id, "rsi": n, "rdx": layout.GUEST_ARGS_ADDR},
+                       write_tables=vcpu.id == 0)
         if vcpu.id:
             vcpu.set_mp_state(MP_STATE_RUNNABLE)
 
