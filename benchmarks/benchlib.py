@@ -40,3 +40,32 @@ def fill(path: str, size: int) -> None:
             f.write(chunk[:min(len(chunk), size - off)])
         f.flush()
         os.fsync(f.fileno())
+
+
+class Load:
+    """The load average before and after a block, and the CPUs' busy share
+    over it: every figure is read against how busy the host was."""
+
+    def __enter__(self) -> "Load":
+        self.t0, self.avg0 = cpu_times(), os.getloadavg()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        b1, t1 = cpu_times()
+        self.busy = round((b1 - self.t0[0]) / max(t1 - self.t0[1], 1), 3)
+        self.avg1 = os.getloadavg()
+
+    def record(self) -> dict:
+        return {"cpu_busy": self.busy,
+                "loadavg": [[round(x, 2) for x in self.avg0], [round(x, 2) for x in self.avg1]]}
+
+
+def git_revision() -> str | None:
+    """The commit of the benchmarks' own tree, if it is a git checkout."""
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        return subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None

@@ -9,6 +9,11 @@
  *   listen=P   instead, accept a connection from the host to port P, echo
  *              every message back until the host shuts its side
  *   rounds=N   messages to send in connect mode (default 8)
+ *   bench=1    with port=P: the benchmark instead (see bench()): rounds
+ *              round trips of msg=M bytes (default 64), then bytes=B
+ *              (default 1 MiB) guest->host and B host->guest in chunks of
+ *              chunk=C bytes (default 4096), timed with the TSC; hypercall
+ *              0x1421 marks the start, 0x1420 reports the phases' cycles
  * Exit code 0 on success, otherwise the failing step.
  */
 #include "virtio.h"
@@ -29,6 +34,8 @@
 #define OP_RW 5
 #define OP_CREDIT_UPDATE 6
 #define OP_CREDIT_REQUEST 7
+#define HC_RESULT 0x1420
+#define HC_START 0x1421
 
 struct hdr {
     u64 src_cid, dst_cid;
@@ -49,6 +56,8 @@ static u64 guest_cid;
 static u32 local_port, peer_port, fwd_cnt;
 static u16 tx_free[NTX];
 static int ntx_free;
+/* the host's credit (from every packet it sends) and what we sent it */
+static u32 peer_buf_alloc, peer_fwd_cnt, tx_cnt;
 
 static void rx_give(u16 i)
 {
@@ -99,6 +108,10 @@ static u16 recv(struct hdr *out)
     memcpy(out, rx_bufs[id], sizeof(*out));
     if (out->len > len - sizeof(struct hdr))
         vfail(43, "packet longer than its buffer", out->len);
+    if (out->src_port == peer_port && out->dst_port == local_port) {
+        peer_buf_alloc = out->buf_alloc;
+        peer_fwd_cnt = out->fwd_cnt;
+    }
     return (u16)id;
 }
 
@@ -134,6 +147,114 @@ static u32 fmt_msg(char *out, const char *word, int i)
     return n;
 }
 
+/* The data bytes of the benchmark's streams: byte at stream offset o. */
+static inline u8 stream_byte(u64 o) { return (u8)(o % 251); }
+
+/* Take one packet of the connection: a data packet's payload is copied to
+ * ``dst`` (at most ``room`` bytes, or the benchmark fails); control packets
+ * are answered. Returns the payload length. */
+static u32 bench_recv(u8 *dst, u32 room)
+{
+    struct hdr h;
+    for (;;) {
+        u16 id = recv(&h);
+        if (h.src_port != peer_port || h.dst_port != local_port) {
+            rx_done(id);
+            continue;
+        }
+        if (h.op == OP_RW) {
+            if (h.len > room)
+                vfail(61, "more data than expected", h.len);
+            memcpy(dst, rx_bufs[id] + sizeof(h), h.len);
+            fwd_cnt += h.len;
+            rx_done(id);
+            return h.len;
+        }
+        if (h.op == OP_CREDIT_REQUEST)
+            send(OP_CREDIT_UPDATE, 0, 0, 0);
+        else if (h.op != OP_CREDIT_UPDATE)
+            vfail(62, "connection lost", h.op);
+        rx_done(id);
+        return 0;
+    }
+}
+
+/* Send ``n`` bytes as data packets of at most ``chunk``, within the host's credit. */
+static void bench_send(const u8 *data, u32 n, u32 chunk)
+{
+    u8 sink[1];
+    while (n) {
+        u32 credit = peer_buf_alloc - (tx_cnt - peer_fwd_cnt);
+        if (credit > peer_buf_alloc)
+            credit = 0;
+        if (!credit) {
+            bench_recv(sink, 0);        /* a credit update (data now fails) */
+            continue;
+        }
+        u32 k = n < chunk ? n : chunk;
+        if (k > credit)
+            k = credit;
+        send(OP_RW, 0, data, k);
+        tx_cnt += k;
+        data += k;
+        n -= k;
+    }
+}
+
+/* Round trips of ``msg`` bytes, then ``total`` bytes each way. The host
+ * echoes the round trips, answers the guest's stream with one byte 'K'
+ * once it has all of it, and sends its own stream when the guest says 'G'. */
+static void bench(int rounds, u32 msg, u64 total, u32 chunk)
+{
+    static u8 out[PAGE], in[PAGE];
+    rt_hypercall(HC_START, 0, 0, 0, 0, 0, 0);
+    u64 t0 = rdtsc();
+    for (int i = 0; i < rounds; i++) {
+        for (u32 k = 0; k < msg; k++)
+            out[k] = (u8)(i + k);
+        bench_send(out, msg, chunk);
+        for (u32 got = 0; got < msg;)
+            got += bench_recv(in + got, msg - got);
+        for (u32 k = 0; k < msg; k++)
+            if (in[k] != (u8)(i + k))
+                vfail(63, "round trip came back wrong", (u64)i);
+    }
+    u64 t1 = rdtsc();
+    for (u64 o = 0; o < total;) {
+        u32 k = total - o < PAGE ? (u32)(total - o) : PAGE;
+        for (u32 j = 0; j < k; j++)
+            out[j] = stream_byte(o + j);
+        bench_send(out, k, chunk);
+        o += k;
+    }
+    u8 ack = 0;
+    while (!bench_recv(&ack, 1))
+        ;
+    if (ack != 'K')
+        vfail(64, "no acknowledgement of the stream", ack);
+    u64 t2 = rdtsc();
+    out[0] = 'G';                       /* the host streams once told to */
+    bench_send(out, 1, chunk);
+    u32 credited = fwd_cnt;
+    for (u64 o = 0; o < total;) {
+        u32 n = bench_recv(in, PAGE);
+        for (u32 j = 0; j < n; j++)
+            if (in[j] != stream_byte(o + j))
+                vfail(65, "host stream data wrong at", o + j);
+        o += n;
+        if (fwd_cnt - credited >= BUF_ALLOC / 4) {
+            send(OP_CREDIT_UPDATE, 0, 0, 0);
+            credited = fwd_cnt;
+        }
+    }
+    u64 t3 = rdtsc();
+    rt_printf("virtio-vsock: %d round trips of %u bytes in %lu cycles, %lu bytes out in %lu, "
+              "in in %lu, %lu stale reads\n", rounds, msg, t1 - t0, total, t2 - t1, t3 - t2,
+              vq_glitches);
+    rt_hypercall(HC_RESULT, (u64)rounds | (u64)msg << 32, total, t1 - t0, t2 - t1, t3 - t2,
+                 txq.notifies + rxq.notifies);
+}
+
 int main(int cpu, int ncpus, const char *args)
 {
     (void)ncpus;
@@ -143,6 +264,12 @@ int main(int cpu, int ncpus, const char *args)
     int port = rt_arg_int(args, "port", 1234);
     int listen = rt_arg_int(args, "listen", 0);
     int rounds = rt_arg_int(args, "rounds", 8);
+    int is_bench = rt_arg_int(args, "bench", 0);
+    int msg_len = rt_arg_int(args, "msg", 64);
+    int total = rt_arg_int(args, "bytes", 1 << 20);
+    int chunk = rt_arg_int(args, "chunk", PAGE);
+    if (rounds < 0 || msg_len < 1 || msg_len > PAGE || total < 0 || chunk < 1 || chunk > PAGE)
+        vfail(9, "bad arguments", 0);
     if (!(use_mmio ? virtio_find_mmio(&dev, 19) : virtio_find_pci(&dev, 19)))
         vfail(1, "no virtio-vsock device", 0);
     virtio_init(&dev, 0);
@@ -177,6 +304,10 @@ int main(int cpu, int ncpus, const char *args)
         if (h.op != OP_RESPONSE || h.src_port != peer_port || h.dst_port != local_port)
             vfail(10, "connection refused", ((u64)h.op << 32) | h.src_port);
         rx_done(id);
+        if (is_bench) {
+            bench(rounds, (u32)msg_len, (u64)total, (u32)chunk);
+            rounds = 0;
+        }
         for (int i = 0; i < rounds; i++) {
             u32 n = fmt_msg(msg, "ping", i);
             send(OP_RW, 0, msg, n);
