@@ -82,6 +82,8 @@ else
     skip nvme.py "needs fio"
     skip virtio_blk.py "needs fio"
 fi
+bench vsock.py --rounds 50 --mib 1 --repeat 1
+bench net.py --frames 2000 --size 1514 --repeat 1
 skip boot.py "boots Linux"
 # benchlib.py is not a benchmark: the others import it (their folder is on sys.path).
 seen[benchlib.py]=1
