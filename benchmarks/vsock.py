@@ -195,6 +195,7 @@ def guest(a: argparse.Namespace, transport: str, hz: float, tmp: str) -> dict:
                                f"{vm.console_output.decode()[-500:]}")
     finally:
         vm.close()
+        os.unlink(f"{uds}_{PORT}")
         try:
             rc = peer.wait(60)
         except subprocess.TimeoutExpired:
