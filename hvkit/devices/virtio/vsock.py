@@ -12,6 +12,12 @@ minus what is in flight, and a guest that sends more than our
 ``buf_alloc`` gets its connection reset. All socket I/O runs on the
 device's worker thread; guest data goes to a socket straight from guest
 memory, and socket data is received straight into the guest's buffers.
+
+Each pass over the transmit queue gathers a connection's data packets and
+hands them to its socket in one ``sendmsg``, and one ``recvmsg_into``
+fills several receive buffers: a stream costs a system call (and a wake-up
+of the process on the other end) per batch, not per packet. The guest's
+buffers go back to it only after their bytes are in the socket or copied.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ import struct
 from collections import deque
 
 from hvkit.devices.virtio import spec as V
-from hvkit.devices.virtio.chain import Chain
+from hvkit.devices.virtio.chain import Chain, ChainError
 from hvkit.devices.virtio.device import VirtioDevice
 from hvkit.errors import ConfigError
 from hvkit.memory.guest import GuestMemory
@@ -54,6 +60,10 @@ EVENT_TRANSPORT_RESET = 0
 HDR = struct.Struct("<QQIIIHHIII")
 #: Linux never sends a bigger payload in one packet
 MAX_PKT = 64 << 10
+#: guest buffers gathered into one sendmsg (IOV_MAX is 1024)
+MAX_BATCH_VIEWS = 512
+#: receive buffers one recvmsg_into fills at most
+MAX_RX_BATCH = 16
 MAX_LINE = 32
 FIRST_LOCAL_PORT = 1 << 30
 
@@ -74,6 +84,8 @@ class Connection:
         self.peer_port = peer_port
         self.state = state
         self.tx_buf = bytearray()          # guest -> host bytes the socket did not take yet
+        self.batch: list[memoryview] = []  # guest data of this pass, not yet sent
+        self.batch_len = 0
         self.fwd_cnt = 0                   # guest bytes we delivered to the socket
         self.fwd_cnt_sent = 0              # fwd_cnt the guest last heard
         self.rx_cnt = 0                    # bytes we sent the guest
@@ -122,6 +134,8 @@ class VirtioVsock(VirtioDevice):
         self._stateless: deque[bytes] = deque()             # RSTs for unknown connections
         self._next_port = FIRST_LOCAL_PORT
         self._event_pending = 0
+        self._batched: dict[tuple[int, int], Connection] = {}
+        self._rx_more: list[tuple[int, int]] = []          # (head, used) after the current one
         self.worker.register(self.listener.fileno(), selectors.EVENT_READ, self._accept)
 
     # -- packets -------------------------------------------------------------------
@@ -262,6 +276,10 @@ class VirtioVsock(VirtioDevice):
         if self.conns.get(conn.key) is conn:
             del self.conns[conn.key]
         self._rx_pending.pop(conn.key, None)
+        if self._batched.get(conn.key) is conn:
+            del self._batched[conn.key]
+        conn.batch = []
+        conn.batch_len = 0
         fd = conn.sock.fileno()
         if fd >= 0:
             self.worker.unregister(fd)
@@ -274,12 +292,76 @@ class VirtioVsock(VirtioDevice):
 
     def process_queue(self, index: int) -> None:
         if index == TX:
-            self.drain(TX, self._tx_packet)
+            self._serve_tx()
             self._fill_rx()
         elif index == RX:
             self._fill_rx()
         else:
             self._fill_events()
+
+    def _serve_tx(self) -> None:
+        """Serve every transmit chain; a pass's data goes out per connection
+        in one sendmsg before its chains are returned (their memory is what
+        is sent), and notifications are re-armed race-free."""
+        q = self.queues[TX]
+        while self.active:
+            q.disable_notification()
+            heads: list[int] = []
+            views = 0
+            for chain in self.chains(TX):
+                try:
+                    self._tx_packet(chain)
+                except ChainError as exc:
+                    q.errors += 1
+                    log.debug("vsock: %s", exc)
+                heads.append(chain.head)
+                views += len(chain.readable)
+                if views >= MAX_BATCH_VIEWS:
+                    self._send_batches()
+                    for head in heads:
+                        q.push(head, 0)
+                    heads, views = [], 0
+            self._send_batches()
+            for head in heads:
+                q.push(head, 0)
+            if not self.active or not q.enable_notification():
+                break
+        self.signal_used(TX)
+
+    def _send_batches(self) -> None:
+        while self._batched:
+            _, conn = self._batched.popitem()
+            self._send_batch(conn)
+
+    def _send_batch(self, conn: Connection) -> None:
+        """Hand the connection's gathered data to its socket; what it does
+        not take is copied out of guest memory to wait for it."""
+        views = conn.batch
+        if not views:
+            return
+        conn.batch = []
+        conn.batch_len = 0
+        self._batched.pop(conn.key, None)
+        if self.conns.get(conn.key) is not conn:
+            return                               # closed meanwhile: the data goes nowhere
+        sent = 0
+        if not conn.tx_buf:
+            try:
+                sent = conn.sock.sendmsg(views)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._close(conn, rst=True)
+                return
+            self._credit(conn, sent)
+        skip = sent
+        for v in views:
+            if skip >= len(v):
+                skip -= len(v)
+                continue
+            conn.tx_buf += v[skip:]
+            skip = 0
+        self._watch(conn)
 
     def _tx_packet(self, chain: Chain) -> int:
         r = chain.reader()
@@ -298,6 +380,9 @@ class VirtioVsock(VirtioDevice):
         if conn is not None:
             conn.peer_buf_alloc = buf_alloc
             conn.peer_fwd_cnt = fwd_cnt
+            if conn.batch and op != OP_RW:
+                self._send_batch(conn)           # keep the stream's order
+                conn = self.conns.get(key)
         if op == OP_REQUEST:
             if conn is not None:
                 self._close(conn, rst=True)
@@ -365,34 +450,18 @@ class VirtioVsock(VirtioDevice):
         self._send_ctrl(conn, OP_RESPONSE)
 
     def _guest_data(self, conn: Connection, views: list[memoryview]) -> None:
+        """Gather a data packet for the pass's sendmsg (``_send_batch``)."""
         n = sum(len(v) for v in views)
         if conn.peer_shut & SHUTDOWN_SEND:
             self._close(conn, rst=True)
             return
-        if len(conn.tx_buf) + n > self.buf_alloc:
+        if len(conn.tx_buf) + conn.batch_len + n > self.buf_alloc:
             log.debug("vsock: %r: guest exceeded its credit", conn)
             self._close(conn, rst=True)
             return
-        if not conn.tx_buf:
-            try:
-                sent = conn.sock.sendmsg(views)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                self._close(conn, rst=True)
-                return
-            self._credit(conn, sent)
-            skip = sent
-            for v in views:
-                if skip >= len(v):
-                    skip -= len(v)
-                    continue
-                conn.tx_buf += v[skip:]
-                skip = 0
-        else:
-            for v in views:
-                conn.tx_buf += v
-        self._watch(conn)
+        conn.batch.extend(views)
+        conn.batch_len += n
+        self._batched[conn.key] = conn
 
     def _flush(self, conn: Connection) -> None:
         if not conn.tx_buf:
@@ -431,6 +500,9 @@ class VirtioVsock(VirtioDevice):
                     q.undo_pop()
                     break
                 q.push(chain.head, used)
+                for head, n in self._rx_more:   # more buffers the same read filled
+                    q.push(head, n)
+                self._rx_more.clear()
                 progressed = True
                 if not (self._stateless or self._rx_pending):
                     break
@@ -466,16 +538,29 @@ class VirtioVsock(VirtioDevice):
                 return HDR.size
             if not conn.readable or conn.state != ESTABLISHED:
                 continue
-            credit = min(conn.peer_credit(), w.remaining, MAX_PKT)
+            budget = conn.peer_credit()
+            credit = min(budget, w.remaining, MAX_PKT)
             if credit <= 0:
                 continue                     # wait for the guest's credit update
+            views = w.take(credit)
+            more = self._more_rx_buffers(budget - credit)
+            for _, extra_hdr, extra in more:
+                views.extend(extra)
             try:
-                n = conn.sock.recvmsg_into(w.take(credit))[0]
+                n = conn.sock.recvmsg_into(views)[0]
             except BlockingIOError:
+                n = -1
+            except OSError:
+                n = -2
+            if n < 0 or n <= credit:
+                for _ in more:               # the extra buffers were not needed
+                    self.queues[RX].undo_pop()
+                more = []
+            if n == -1:
                 conn.readable = False
                 self._watch(conn)
                 continue
-            except OSError:
+            if n == -2:
                 self._close(conn, rst=True)
                 continue
             if n == 0:
@@ -488,9 +573,48 @@ class VirtioVsock(VirtioDevice):
                 self._expire(conn, CLOSING)
                 return HDR.size
             conn.rx_cnt = (conn.rx_cnt + n) & 0xFFFFFFFF
-            _scatter(hdr_views, self._hdr(conn, OP_RW, length=n))
+            first = min(n, credit)
+            _scatter(hdr_views, self._hdr(conn, OP_RW, length=first))
+            left = n - first
+            unused = 0
+            for head, extra_hdr, extra in more:
+                k = min(left, sum(len(v) for v in extra))
+                if k == 0:
+                    unused += 1
+                    continue
+                _scatter(extra_hdr, self._hdr(conn, OP_RW, length=k))
+                self._rx_more.append((head, HDR.size + k))
+                left -= k
+            for _ in range(unused):          # the tail the read did not reach
+                self.queues[RX].undo_pop()
             self._rx_pending[key] = conn     # keep reading, round robin
-            return HDR.size + n
+            return HDR.size + first
+
+    def _more_rx_buffers(self, budget: int) -> list[tuple[int, list[memoryview],
+                                                          list[memoryview]]]:
+        """Take further rx chains for one read of a connection's data, up
+        to ``budget`` bytes of payload: (head, header views, payload views)
+        each. A chain that is not a plain usable buffer is given back and
+        ends the gathering (``_fill_rx`` deals with it on its own)."""
+        q = self.queues[RX]
+        out: list[tuple[int, list[memoryview], list[memoryview]]] = []
+        while budget > 0 and len(out) < MAX_RX_BATCH - 1:
+            try:
+                chain = q.pop()
+            except ChainError:
+                q.undo_pop()
+                break
+            if chain is None:
+                break
+            if chain.write_len <= HDR.size or chain.read_len:
+                q.undo_pop()
+                break
+            w = chain.writer()
+            hdr_views = w.take(HDR.size)
+            k = min(budget, w.remaining, MAX_PKT)
+            out.append((chain.head, hdr_views, w.take(k)))
+            budget -= k
+        return out
 
     def _fill_events(self) -> None:
         q = self.queues[EVENT]
@@ -532,6 +656,8 @@ class VirtioVsock(VirtioDevice):
             self._drop_waiting(conn)
         self._stateless.clear()
         self._rx_pending.clear()
+        self._rx_more.clear()
+        self._batched.clear()
         self._event_pending = 0
 
     def on_close(self) -> None:
