@@ -18,6 +18,11 @@ class BuildWithGuests(build_py):
         super().run()
 
 
+#: C shared by the native engines (io_uring, guest RAM, file I/O, polling)
+COMMON = ["native/common/uring.c", "native/common/guestmem.c", "native/common/fileio.c",
+          "native/common/hostcpu.c"]
+
+
 def extensions():
     from Cython.Build import cythonize
     ext = Extension(
@@ -28,13 +33,21 @@ def extensions():
     )
     nvme = Extension(
         "hvkit._nvme_native",
-        sources=["native/nvme/_nvme_native.pyx", "native/nvme/engine.c"],
-        include_dirs=["native/nvme"],
+        sources=["native/nvme/_nvme_native.pyx", "native/nvme/engine.c", *COMMON],
+        include_dirs=["native/nvme", "native/common"],
+        extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
+    )
+    virtio = Extension(
+        "hvkit._virtio_native",
+        sources=["native/virtio/_virtio_native.pyx", "native/virtio/blk_engine.c", *COMMON],
+        include_dirs=["native/virtio", "native/common"],
         extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
     )
     return (cythonize([ext], include_path=["native"],
                       compiler_directives={"language_level": "3"})
             + cythonize([nvme], include_path=["native/nvme"], build_dir="build/cython",
+                        compiler_directives={"language_level": "3"})
+            + cythonize([virtio], include_path=["native/virtio"], build_dir="build/cython",
                         compiler_directives={"language_level": "3"}))
 
 

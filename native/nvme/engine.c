@@ -9,6 +9,10 @@
  */
 #define _GNU_SOURCE
 #include "engine.h"
+#include "fileio.h"
+#include "guestmem.h"
+#include "hostcpu.h"
+#include "uring.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -54,46 +58,14 @@
 #define DSM_ATTR_DEALLOCATE (1u << 2)
 #define BROADCAST_NSID 0xFFFFFFFFu
 
-#ifndef FALLOC_FL_KEEP_SIZE
-#define FALLOC_FL_KEEP_SIZE 0x01
-#endif
-#ifndef FALLOC_FL_PUNCH_HOLE
-#define FALLOC_FL_PUNCH_HOLE 0x02
-#endif
-#ifndef FALLOC_FL_ZERO_RANGE
-#define FALLOC_FL_ZERO_RANGE 0x10
-#endif
-
-#define BOUNCE_CHUNK (1u << 20)
 
 
-/* -- io_uring (raw system calls; no liburing) ------------------------------ */
 
-struct uring {
-    int fd;
-    unsigned entries;
-    unsigned *sq_head, *sq_tail, *sq_mask, *sq_array;
-    unsigned *cq_head, *cq_tail, *cq_mask;
-    struct io_uring_sqe *sqes;
-    struct io_uring_cqe *cqes;
-    void *sq_ring, *cq_ring;
-    size_t sq_ring_sz, cq_ring_sz, sqes_sz;
-};
+/* -- io_uring (native/common/uring.c) ------------------------------------- */
 
 static void uring_free(struct nvme_engine *e)
 {
-    struct uring *u = e->uring;
-    if (!u)
-        return;
-    if (u->sqes)
-        munmap(u->sqes, u->sqes_sz);
-    if (u->cq_ring && u->cq_ring != u->sq_ring)
-        munmap(u->cq_ring, u->cq_ring_sz);
-    if (u->sq_ring)
-        munmap(u->sq_ring, u->sq_ring_sz);
-    if (u->fd >= 0)
-        close(u->fd);
-    free(u);
+    uring_close(e->uring);
     e->uring = NULL;
 }
 
@@ -101,121 +73,15 @@ int nvme_enable_uring(struct nvme_engine *e)
 {
     if (e->uring)
         return 0;
-    struct uring *u = calloc(1, sizeof(*u));
-    if (!u)
-        return -ENOMEM;
-    u->fd = -1;
+    struct uring *u;
+    int r = uring_open(&u, NVME_RING_OPS);
+    if (r)
+        return r;
     e->uring = u;
-    struct io_uring_params p;
-    memset(&p, 0, sizeof(p));
-    int fd = (int)syscall(__NR_io_uring_setup, NVME_RING_OPS, &p);
-    if (fd < 0) {
-        int err = -errno;
-        uring_free(e);
-        return err;
-    }
-    u->fd = fd;
-    u->entries = p.sq_entries;
-    u->sq_ring_sz = p.sq_off.array + p.sq_entries * sizeof(unsigned);
-    u->cq_ring_sz = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
-    int single = (p.features & IORING_FEAT_SINGLE_MMAP) != 0;
-    if (single && u->cq_ring_sz > u->sq_ring_sz)
-        u->sq_ring_sz = u->cq_ring_sz;
-    u->sq_ring = mmap(NULL, u->sq_ring_sz, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
-                      fd, IORING_OFF_SQ_RING);
-    if (u->sq_ring == MAP_FAILED) {
-        u->sq_ring = NULL;
-        goto fail;
-    }
-    if (single) {
-        u->cq_ring = u->sq_ring;
-    } else {
-        u->cq_ring = mmap(NULL, u->cq_ring_sz, PROT_READ | PROT_WRITE,
-                          MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_CQ_RING);
-        if (u->cq_ring == MAP_FAILED) {
-            u->cq_ring = NULL;
-            goto fail;
-        }
-    }
-    u->sqes_sz = p.sq_entries * sizeof(struct io_uring_sqe);
-    u->sqes = mmap(NULL, u->sqes_sz, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
-                   fd, IORING_OFF_SQES);
-    if (u->sqes == MAP_FAILED) {
-        u->sqes = NULL;
-        goto fail;
-    }
-    uint8_t *sq = u->sq_ring, *cq = u->cq_ring;
-    u->sq_head = (unsigned *)(sq + p.sq_off.head);
-    u->sq_tail = (unsigned *)(sq + p.sq_off.tail);
-    u->sq_mask = (unsigned *)(sq + p.sq_off.ring_mask);
-    u->sq_array = (unsigned *)(sq + p.sq_off.array);
-    u->cq_head = (unsigned *)(cq + p.cq_off.head);
-    u->cq_tail = (unsigned *)(cq + p.cq_off.tail);
-    u->cq_mask = (unsigned *)(cq + p.cq_off.ring_mask);
-    u->cqes = (struct io_uring_cqe *)(cq + p.cq_off.cqes);
-    return 0;
-fail:;
-    int err = -errno;
-    uring_free(e);
-    return err ? err : -ENOMEM;
-}
-
-/* queue one read/write; the caller keeps n <= entries per submission */
-static void uring_prep(struct uring *u, int write, int fd, void *buf, uint32_t len,
-                       uint64_t off, uint64_t tag)
-{
-    unsigned tail = *u->sq_tail;
-    unsigned idx = tail & *u->sq_mask;
-    struct io_uring_sqe *sqe = &u->sqes[idx];
-    memset(sqe, 0, sizeof(*sqe));
-    sqe->opcode = write ? IORING_OP_WRITE : IORING_OP_READ;
-    sqe->fd = fd;
-    sqe->addr = (uint64_t)(uintptr_t)buf;
-    sqe->len = len;
-    sqe->off = off;
-    sqe->user_data = tag;
-    u->sq_array[idx] = idx;
-    __atomic_store_n(u->sq_tail, tail + 1, __ATOMIC_RELEASE);
-}
-
-/* submit n queued operations and wait for all; results[tag] = res.
- * 0, or -errno if the ring failed (the caller then does the I/O itself) */
-static int uring_run(struct uring *u, unsigned n, int32_t *results)
-{
-    unsigned submitted = 0, reaped = 0;
-    int broken = 0;
-    while (reaped < n) {
-        unsigned to_submit = broken ? 0 : n - submitted;
-        int r = (int)syscall(__NR_io_uring_enter, u->fd, to_submit, 1,
-                             IORING_ENTER_GETEVENTS, NULL, 0);
-        if (r >= 0) {
-            submitted += (unsigned)r;
-        } else if (errno != EINTR && errno != EAGAIN && errno != EBUSY) {
-            if (submitted == reaped)
-                return -errno;        /* nothing in flight: give up on the ring */
-            broken = 1;               /* wait for what is in flight, then give up */
-        }
-        unsigned head = *u->cq_head;
-        unsigned tail = __atomic_load_n(u->cq_tail, __ATOMIC_ACQUIRE);
-        while (head != tail) {
-            struct io_uring_cqe *c = &u->cqes[head & *u->cq_mask];
-            results[c->user_data] = c->res;
-            head++;
-            reaped++;
-        }
-        __atomic_store_n(u->cq_head, head, __ATOMIC_RELEASE);
-        if (broken && submitted == reaped)
-            return -EIO;
-    }
     return 0;
 }
 
-static inline int64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
+#define now_ns hv_now_ns
 
 /* -- words shared with other CPUs ---------------------------------------- */
 
@@ -251,58 +117,20 @@ static inline void st64(uint8_t *p, uint64_t v)
 
 /* -- guest memory --------------------------------------------------------- */
 
-/* host pointer for [gpa, gpa+len) inside one region, else NULL
- * (GuestMemory.region_of / view) */
+/* guest RAM lookups (native/common/guestmem.c) on the engine's regions */
 static uint8_t *gm_ptr(struct nvme_engine *e, uint64_t gpa, uint64_t len)
 {
-    for (int i = 0; i < e->nregions; i++) {
-        struct nvme_region *r = &e->regions[i];
-        if (gpa < r->gpa)
-            continue;
-        uint64_t off = gpa - r->gpa;
-        if (off <= r->size && len <= r->size - off)
-            return r->hva + off;
-    }
-    return NULL;
+    return hv_gm_ptr(e->regions, e->nregions, gpa, len);
 }
 
 static int gm_region(struct nvme_engine *e, uint64_t gpa, uint64_t len)
 {
-    for (int i = 0; i < e->nregions; i++) {
-        struct nvme_region *r = &e->regions[i];
-        if (gpa < r->gpa)
-            continue;
-        uint64_t off = gpa - r->gpa;
-        if (off <= r->size && len <= r->size - off)
-            return i;
-    }
-    return -1;
+    return hv_gm_index(e->regions, e->nregions, gpa, len);
 }
 
-/* copy [gpa, gpa+len) out of guest RAM, possibly across adjacent regions
- * (GuestMemory.read); 0 or -1 if any byte is outside RAM */
 static int gm_read(struct nvme_engine *e, uint64_t gpa, uint64_t len, void *out)
 {
-    uint8_t *p = gm_ptr(e, gpa, len);
-    if (p) {
-        memcpy(out, p, len);
-        return 0;
-    }
-    uint64_t cur = gpa, left = len;
-    uint8_t *o = out;
-    for (int i = 0; i < e->nregions && left; i++) {
-        struct nvme_region *r = &e->regions[i];
-        if (r->gpa <= cur && cur - r->gpa < r->size) {
-            uint64_t n = r->size - (cur - r->gpa);
-            if (n > left)
-                n = left;
-            memcpy(o, r->hva + (cur - r->gpa), n);
-            o += n;
-            cur += n;
-            left -= n;
-        }
-    }
-    return left ? -1 : 0;
+    return hv_gm_read(e->regions, e->nregions, gpa, len, out);
 }
 
 static void publish_queue_at(struct nvme_engine *e, uint32_t qid, int64_t sq_head);
@@ -424,16 +252,8 @@ int nvme_engine_init(struct nvme_engine *e, uint8_t *page, uint64_t max_transfer
     e->pool_runs = e->fifo_base + NVME_FIFO * e->max_runs;
     e->runs = calloc(e->pool_runs, sizeof(*e->runs));
     e->results = calloc(e->pool_runs, sizeof(*e->results));
-    e->bounce_size = BOUNCE_CHUNK + 4096;
-    e->bounce = mmap(NULL, e->bounce_size, PROT_READ | PROT_WRITE,
-                     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (e->bounce == MAP_FAILED)
-        e->bounce = NULL;
-    /* read-only zero pages: address space only, allocated here and not on
-     * first use so that engines on several threads never race for it */
-    e->zeros = mmap(NULL, BOUNCE_CHUNK, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (e->zeros == MAP_FAILED)
-        e->zeros = NULL;
+    e->bounce_size = HV_BOUNCE_CHUNK + 4096;
+    hv_io_buffers(&e->bounce, &e->zeros);
     if (!e->sqs || !e->cqs || !e->runs || !e->results || !e->bounce || !e->zeros) {
         nvme_engine_free(e);
         return -ENOMEM;
@@ -451,10 +271,7 @@ void nvme_engine_free(struct nvme_engine *e)
     free(e->runs);
     free(e->results);
     uring_free(e);
-    if (e->bounce)
-        munmap(e->bounce, e->bounce_size);
-    if (e->zeros)
-        munmap(e->zeros, BOUNCE_CHUNK);
+    hv_io_buffers_free(e->bounce, e->zeros);
     e->zeros = NULL;
     e->sqs = NULL;
     e->cqs = NULL;
@@ -467,7 +284,7 @@ int nvme_add_region(struct nvme_engine *e, uint64_t gpa, uint64_t size, uint8_t 
 {
     if (e->nregions >= NVME_MAX_REGIONS)
         return -ENOSPC;
-    e->regions[e->nregions++] = (struct nvme_region){gpa, size, hva};
+    e->regions[e->nregions++] = (struct hv_region){gpa, size, hva};
     return 0;
 }
 
@@ -783,7 +600,7 @@ static int map_prps(struct nvme_engine *e, uint64_t prp1, uint64_t prp2, uint64_
         } else {                                                               \
             if ((size_t)nruns >= e->max_runs)                                  \
                 return -INVALID_FIELD;                                         \
-            struct nvme_region *rg_ = &e->regions[r_];                         \
+            struct hv_region *rg_ = &e->regions[r_];                         \
             R[nruns++] = (struct nvme_run_entry){g_, n_,                 \
                                                    rg_->hva + (g_ - rg_->gpa)}; \
             last_region = r_;                                                  \
@@ -855,136 +672,35 @@ static int map_prps(struct nvme_engine *e, uint64_t prp1, uint64_t prp2, uint64_
 
 /* -- backend I/O (hvkit/storage/raw.py) ---------------------------------------------------- */
 
-static int pread_full(int fd, uint8_t *buf, uint64_t len, uint64_t off)
+static inline struct hv_file ns_file(const struct nvme_ns *ns)
 {
-    uint64_t done = 0;
-    while (done < len) {
-        ssize_t n = pread(fd, buf + done, len - done, (off_t)(off + done));
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        if (n == 0) {                   /* past the end: zeros, as raw.py does */
-            memset(buf + done, 0, len - done);
-            return 0;
-        }
-        done += (uint64_t)n;
-    }
-    return 0;
-}
-
-static int pwrite_full(int fd, const uint8_t *buf, uint64_t len, uint64_t off)
-{
-    uint64_t done = 0;
-    while (done < len) {
-        ssize_t n = pwrite(fd, buf + done, len - done, (off_t)(off + done));
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        if (n == 0)
-            return -EIO;
-        done += (uint64_t)n;
-    }
-    return 0;
-}
-
-/* unaligned O_DIRECT I/O through the aligned bounce buffer (raw.py _bounced) */
-static int bounced(struct nvme_engine *e, struct nvme_ns *ns, uint64_t offset, uint8_t *buf,
-                   uint64_t total, int write)
-{
-    uint64_t a = ns->align, done = 0;
-    while (done < total) {
-        uint64_t pos = offset + done;
-        uint64_t start = pos - pos % a;
-        uint64_t n = total - done;
-        if (n > BOUNCE_CHUNK - (pos - start))
-            n = BOUNCE_CHUNK - (pos - start);
-        uint64_t end = pos + n;
-        uint64_t end_al = (end + a - 1) / a * a;
-        uint8_t *span = e->bounce;
-        int r;
-        if (!write) {
-            if ((r = pread_full(ns->fd, span, end_al - start, start)))
-                return r;
-            memcpy(buf + done, span + (pos - start), n);
-        } else {
-            if (pos != start || end != end_al)
-                if ((r = pread_full(ns->fd, span, end_al - start, start)))
-                    return r;
-            memcpy(span + (pos - start), buf + done, n);
-            /* at the end of a file whose size is not a multiple of the
-             * alignment, O_DIRECT writes a whole block past the end: cut
-             * the file back, or the namespace grows on the next open */
-            uint64_t file_end = end_al;
-            if (end_al > ns->size) {
-                struct stat st;
-                if (fstat(ns->fd, &st))
-                    return -errno;
-                file_end = (uint64_t)st.st_size;
-            }
-            if ((r = pwrite_full(ns->fd, span, end_al - start, start)))
-                return r;
-            if (end_al > file_end && ftruncate(ns->fd, (off_t)file_end))
-                return -errno;
-        }
-        done += n;
-    }
-    return 0;
+    return (struct hv_file){ns->fd, ns->size, ns->read_only, ns->align};
 }
 
 static int ns_io(struct nvme_engine *e, struct nvme_ns *ns, uint64_t offset, uint8_t *buf,
                  uint64_t len, int write)
 {
-    if (offset > ns->size || len > ns->size - offset)
-        return -EINVAL;
-    uint64_t a = ns->align;
-    if (a > 1 && (offset % a || len % a || (uintptr_t)buf % a))
-        return bounced(e, ns, offset, buf, len, write);
-    return write ? pwrite_full(ns->fd, buf, len, offset) : pread_full(ns->fd, buf, len, offset);
+    struct hv_file f = ns_file(ns);
+    return hv_file_io(&f, e->bounce, offset, buf, len, write);
 }
 
 static int ns_flush(struct nvme_ns *ns)
 {
-    if (ns->read_only)
-        return 0;
-    return fdatasync(ns->fd) ? -errno : 0;
+    struct hv_file f = ns_file(ns);
+    return hv_file_flush(&f);
 }
 
 /* 1 done, 0 not supported here, -errno failure (raw.py _fallocate) */
 static int ns_fallocate(struct nvme_ns *ns, int mode, uint64_t off, uint64_t len)
 {
-    if (fallocate(ns->fd, mode, (off_t)off, (off_t)len) == 0)
-        return 1;
-    int err = errno;
-    if (err == EOPNOTSUPP || err == ENOSYS || err == EINVAL || err == ENODEV)
-        return 0;
-    return -err;
+    struct hv_file f = ns_file(ns);
+    return hv_fallocate(&f, mode, off, len);
 }
 
 static int ns_write_zeroes(struct nvme_engine *e, struct nvme_ns *ns, uint64_t off, uint64_t len)
 {
-    if (len == 0)
-        return 0;
-    int r = ns_fallocate(ns, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, off, len);
-    if (r)
-        return r < 0 ? r : 0;
-    r = ns_fallocate(ns, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, len);
-    if (r)
-        return r < 0 ? r : 0;
-    /* write zeros from the engine's aligned zero buffer (not the bounce:
-     * bounced() fills that) */
-    const uint8_t *zeros = e->zeros;
-    uint64_t done = 0;
-    while (done < len) {
-        uint64_t n = len - done < BOUNCE_CHUNK ? len - done : BOUNCE_CHUNK;
-        if ((r = ns_io(e, ns, off + done, (uint8_t *)zeros, n, 1)))
-            return r;
-        done += n;
-    }
-    return 0;
+    struct hv_file f = ns_file(ns);
+    return hv_write_zeroes(&f, e->bounce, e->zeros, off, len);
 }
 
 /* -- the NVM command set (io.py) ------------------------------------------------------------ */
@@ -1405,7 +1121,7 @@ static void pipe_reap(struct nvme_engine *e, int wait)
     if (wait && e->inflight_ops &&
         *u->cq_head == __atomic_load_n(u->cq_tail, __ATOMIC_ACQUIRE)) {
         int64_t t = now_ns();
-        (void)syscall(__NR_io_uring_enter, u->fd, 0, 1, IORING_ENTER_GETEVENTS, NULL, 0);
+        uring_wait(u);
         e->rs.io_ns += (uint64_t)(now_ns() - t);
     }
     unsigned head = *u->cq_head;
@@ -1442,7 +1158,9 @@ static void pipe_submit(struct nvme_engine *e)
 {
     struct uring *u = e->uring;
     while (u && e->queued_ops) {
-        int r = (int)syscall(__NR_io_uring_enter, u->fd, e->queued_ops, 0, 0, NULL, 0);
+        int r = uring_submit(u, e->queued_ops);
+        if (r < 0)
+            errno = -r;
         if (r > 0) {
             e->queued_ops -= (uint32_t)r;
             e->inflight_ops += (uint32_t)r;
@@ -1587,12 +1305,7 @@ int nvme_pump(struct nvme_engine *e, int budget)
     return fetched + posted;
 }
 
-static void drain(int fd)
-{
-    uint64_t v;
-    ssize_t r = read(fd, &v, sizeof(v));
-    (void)r;
-}
+#define drain hv_drain_fd
 
 /* poll kick + control; returns 1 if the control fd wants Python, 0 else;
  * *kicked: the kick fd fired */
@@ -1617,27 +1330,12 @@ static int wait_fds(struct nvme_engine *e, int timeout_ms, int *err, int *kicked
 #define POLL_MIN_NS 10000      /* a window growing from 0 starts here */
 #define CONTENTION_CHECK_NS 1000000   /* while polling, look at the CPUs this often */
 
-/* More runnable threads than CPUs (/proc/loadavg's running count, which
- * includes us and a vCPU spinning on its completions): a core we spin on
- * is a core the vCPU or another program waits for, so polling costs more
- * than the exits it saves. */
+/* More runnable threads than CPUs: a core we spin on is a core the vCPU
+ * or another program waits for, so polling costs more than the exits it
+ * saves (native/common/hostcpu.c). */
 static int cpus_contended(struct nvme_engine *e)
 {
-    if (e->poll_always || e->loadavg_fd < 0 || e->ncpus < 1)
-        return 0;
-    char buf[128];
-    ssize_t n = pread(e->loadavg_fd, buf, sizeof(buf) - 1, 0);
-    if (n <= 0)
-        return 0;
-    buf[n] = 0;
-    char *p = buf;
-    for (int i = 0; i < 3; i++) {
-        p = strchr(p, ' ');
-        if (!p)
-            return 0;
-        p++;
-    }
-    return strtol(p, NULL, 10) > e->ncpus;
+    return !e->poll_always && hv_cpus_contended(e->loadavg_fd, e->ncpus);
 }
 
 static void window_set(struct nvme_engine *e, int64_t w)

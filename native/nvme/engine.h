@@ -17,6 +17,8 @@
 #include <stdint.h>
 #include <stddef.h>
 
+#include "guestmem.h"
+
 /* control page layout: see engine.py */
 #define NVME_CTRL_PAGE_SIZE   8192
 #define NVME_STATE_BASE       4096
@@ -30,11 +32,6 @@ enum { NVME_C_BYTES_READ, NVME_C_BYTES_WRITTEN, NVME_C_READ_COMMANDS, NVME_C_WRI
 #define NVME_MAX_REGIONS    32
 #define NVME_MAX_NAMESPACES 64
 #define NVME_QID_LIMIT      65536     /* qids are 16 bits */
-
-struct nvme_region {
-    uint64_t gpa, size;
-    uint8_t *hva;
-};
 
 struct nvme_ns {
     uint32_t nsid;
@@ -105,7 +102,7 @@ struct nvme_run_stats {
 };
 
 struct nvme_engine {
-    struct nvme_region regions[NVME_MAX_REGIONS];
+    struct hv_region regions[NVME_MAX_REGIONS];
     int nregions;
     struct nvme_ns ns[NVME_MAX_NAMESPACES];
     int nns;

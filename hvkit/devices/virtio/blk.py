@@ -12,6 +12,12 @@ request waits until the reads and writes before it are done. Every request is ch
 header and status byte must be there, lengths are whole 512-byte sectors,
 ranges lie inside the disk, writes to a read-only disk fail; a bad request
 gets VIRTIO_BLK_S_IOERR, an unknown one VIRTIO_BLK_S_UNSUPP.
+
+A disk that is a plain file (a RawFileBackend) is served by the C engine
+instead (blk_native.py: the same checks and answers, io_uring, polling
+with notifications suppressed), on a thread of its own from DRIVER_OK
+until reset, pause or close; this module stays the reference and serves
+every other backend.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import struct
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from hvkit.devices.virtio import spec as V
+from hvkit.devices.virtio.blk_native import NativeBlkQueue, choose_engine, on_event
 from hvkit.devices.virtio.chain import Chain, ChainError
 from hvkit.devices.virtio.device import VirtioDevice
 from hvkit.devices.virtio.worker import drain_eventfd, new_eventfd
@@ -78,10 +85,14 @@ class VirtioBlk(VirtioDevice):
                  read_only: bool | None = None, queue_size: int = QUEUE_SIZE,
                  size_max: int = 1 << 20, max_discard_sectors: int = 1 << 22,
                  max_segments: int = 32, close_backend: bool = False,
-                 io_threads: int | None = None, threaded: bool = True) -> None:
+                 io_threads: int | None = None, threaded: bool = True,
+                 engine: str | None = None) -> None:
         """``io_threads``: how many reads and writes may be in flight at once
         (0: one at a time, on the worker). None picks 8 for a RawFileBackend
-        and 0 for other backends, which may not take concurrent calls."""
+        and 0 for other backends, which may not take concurrent calls.
+        ``engine``: "auto" (default; the C engine where the backend is a
+        plain file), "native" (refuse otherwise) or "python"; the
+        environment's HVKIT_VIRTIO_BLK_ENGINE when None."""
         self.backend = backend
         self.close_backend = close_backend
         self.read_only = backend.read_only if read_only is None else read_only or backend.read_only
@@ -123,10 +134,83 @@ class VirtioBlk(VirtioDevice):
         self._done_fd = new_eventfd()
         self._generation = 0
         self.worker.register(self._done_fd, selectors.EVENT_READ, self._completions)
+        self.native: NativeBlkQueue | None = None
+        if choose_engine(engine, backend, mem, threaded):
+            self.native = NativeBlkQueue(
+                mem, backend, read_only=self.read_only, serial=self.serial,
+                max_segments=max_segments, max_discard_sectors=max_discard_sectors)
+            self.worker.register(self.native.irq_fd, selectors.EVENT_READ,
+                                 on_event(self.native.irq_fd, self._native_interrupt))
+            self.worker.register(self.native.exit_fd, selectors.EVENT_READ,
+                                 on_event(self.native.exit_fd, self._native_exited))
+
+    # -- the C engine -------------------------------------------------------------
+
+    def on_activate(self) -> None:
+        self._start_native()
+
+    def _start_native(self) -> None:
+        """Hand queue 0 to the C engine (lock held): its notifications go
+        to the engine, not to the worker."""
+        native = self.native
+        q = self.queues[0]
+        if native is None or native.running or not self.active or not q.ready or q.broken:
+            return
+        self.worker.unregister(self.notify_fd(0))
+        native.start(q, self.notify_fd(0))
+
+    def _stop_native(self, worker_takes_over: bool = True) -> None:
+        """Take queue 0 back (lock held): what is in flight is answered and
+        the positions are the Virtqueue's again."""
+        native = self.native
+        if native is None or not native.running:
+            return
+        native.stop(self.queues[0])
+        st = native.stats
+        for status, key in ((S_OK, "ok"), (S_IOERR, "ioerr"), (S_UNSUPP, "unsupp")):
+            self.completed[status] += st[key]
+        self.queues[0].errors += st["chain_errors"]
+        fd = self.notify_fd(0)
+        if worker_takes_over and not self.worker.registered(fd):
+            self.worker.register(fd, selectors.EVENT_READ, self._notified)
+
+    def _notified(self, _mask: int) -> None:
+        drain_eventfd(self.notify_fd(0))
+        self.serve(0)
+
+    def _native_interrupt(self) -> None:
+        if self.transport is not None:
+            self.transport.signal_queue(0)
+
+    def _native_exited(self) -> None:
+        native = self.native
+        if native is None or not native.running or not native.failure:
+            return
+        reason = native.failure
+        self._stop_native()
+        self.needs_reset(f"queue 0: {reason}")
+
+    def reset(self) -> None:
+        """The engine lets go of the rings before they are reset."""
+        with self.lock:
+            self._stop_native()
+            super().reset()
+
+    def pause(self) -> None:
+        with self.lock:
+            self._stop_native()
+        self._pause_python()
+
+    def resume(self) -> None:
+        super().resume()
+        with self.lock:
+            self._start_native()
 
     # -- the queue ----------------------------------------------------------------
 
     def process_queue(self, index: int) -> None:
+        if self.native is not None and self.native.running:
+            return                          # the C engine has the ring
         if self._pool is None:
             self.drain(index, self._request)
             return
@@ -190,7 +274,7 @@ class VirtioBlk(VirtioDevice):
         for fut in list(self._inflight):
             fut.result()
 
-    def pause(self) -> None:
+    def _pause_python(self) -> None:
         """Reads and writes in flight finish and are answered first."""
         super().pause()
         with self.lock:
@@ -203,6 +287,12 @@ class VirtioBlk(VirtioDevice):
         """Reads and writes in flight finish and are completed first, so a
         snapshot holds no request the device has taken but not answered."""
         with self.lock:
+            if self.native is not None and self.native.running:
+                self._stop_native()
+                try:
+                    return super().state()
+                finally:
+                    self._start_native()
             if self._pool is not None and self.active:
                 self._wait_inflight()
                 if self._push_done():
@@ -317,6 +407,11 @@ class VirtioBlk(VirtioDevice):
 
     def on_close(self) -> None:
         """The backend belongs to the caller unless ``close_backend``."""
+        if self.native is not None:
+            self._stop_native(worker_takes_over=False)
+            self.worker.unregister(self.native.irq_fd)
+            self.worker.unregister(self.native.exit_fd)
+            self.native.close()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         self.worker.unregister(self._done_fd)

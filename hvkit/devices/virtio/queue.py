@@ -249,6 +249,17 @@ class Virtqueue:
             _U16.pack_into(self._used, 0, 0)
         return self.has_work()
 
+    def positions(self) -> tuple[int, int, int]:
+        """(last_avail, used_idx, signalled): where the device stands in the
+        rings, for an engine that serves them elsewhere (blk_native.py)."""
+        return self.last_avail, self.used_idx, self._signalled
+
+    def set_positions(self, last_avail: int, used_idx: int, signalled: int) -> None:
+        """Take the positions back from such an engine."""
+        self.last_avail = last_avail & 0xFFFF
+        self.used_idx = used_idx & 0xFFFF
+        self._signalled = signalled & 0xFFFF
+
     # -- snapshots -------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
