@@ -234,6 +234,23 @@ cdef class NativeVm:
     def add_null_ports(self, int base, int length) -> int:
         return self._add(base, length, HV_PORT_NULL, NULL)
 
+    def add_python_port(self, int base, int length, device, lock, str name="") -> int:
+        """Serve [base, base+length) by calling ``device.read(offset, size)``
+        and ``device.write(offset, data)`` from the run loop, holding
+        ``lock`` (the bus mapping's) around each call. An exception the
+        device raises comes out of the vCPU's ``run()``."""
+        if self.ports.n >= HV_MAX_PORTS:
+            raise ValueError(f"at most {HV_MAX_PORTS} natively served port ranges")
+        if not (0 <= base and base + length <= 0x10000 and length > 0):
+            raise ValueError(f"port range {base:#x}+{length} is outside the I/O space")
+        port = PythonPort(device, lock, name or type(device).__name__, base)
+        cdef int index = hv_ports_add_callback(&self.ports, base, length, _python_port_fn,
+                                               <void *>port)
+        if index < 0:
+            raise ValueError(f"port range {base:#x}+{length} refused")
+        self._keep.append(port)      # the table holds a borrowed pointer until the VM goes
+        return index
+
     def hits(self, int index) -> int:
         if not 0 <= index < self.ports.n:
             raise IndexError(index)
@@ -277,33 +294,102 @@ cdef object _device_name(bus, addr):
 
 
 cdef object _bad_reply(bus, addr, size_t size, reply):
-    if isinstance(reply, (bytes, bytearray, memoryview)):
-        got = f"{memoryview(reply).nbytes} bytes"
-    else:
-        got = f"a {type(reply).__name__}"
     return DeviceReplyError(f"{_device_name(bus, addr)} answered a {size}-byte read "
-                            f"with {got}; a device read returns exactly {size} bytes")
+                            f"with {_reply_kind(reply)}; a device read returns exactly "
+                            f"{size} bytes")
 
 
-cdef int _copy_reply(unsigned char *dst, bus, addr, size_t size, reply) except -1:
-    """Copy a device's read reply into guest-visible memory, refusing any
-    reply that is not exactly ``size`` bytes (a short one would hand the
-    guest host heap)."""
+cdef int _copy_exact(unsigned char *dst, size_t size, reply) except -1:
+    """Copy a device's read reply into guest-visible memory if it is exactly
+    ``size`` bytes (a short one would hand the guest host heap); returns 1,
+    or 0 for a reply of another size or kind (the caller names the device)."""
     cdef const unsigned char[::1] view
     if type(reply) is bytes:
         if <size_t>len(<bytes>reply) != size:
-            raise _bad_reply(bus, addr, size, reply)
+            return 0
         memcpy(dst, <char *><bytes>reply, size)
-        return 0
+        return 1
     try:
         view = memoryview(reply).cast("B")
     except (TypeError, ValueError):
-        raise _bad_reply(bus, addr, size, reply) from None
+        return 0
     if <size_t>view.shape[0] != size:
-        raise _bad_reply(bus, addr, size, reply)
+        return 0
     if size:
         memcpy(dst, &view[0], size)
+    return 1
+
+
+cdef int _copy_reply(unsigned char *dst, bus, addr, size_t size, reply) except -1:
+    if not _copy_exact(dst, size, reply):
+        raise _bad_reply(bus, addr, size, reply)
     return 0
+
+
+cdef class VcpuRunner
+
+
+cdef class PythonPort:
+    """A Python device on a port range, served from inside the run loop: the
+    vCPU thread takes the GIL only to call the device (under the bus
+    mapping's lock, so the device still sees one access at a time), then
+    goes straight back into KVM_RUN. Exits skip the trip out of the loop,
+    the generic exit decoding and the bus lookup."""
+    cdef readonly object device
+    cdef readonly str name
+    cdef readonly int base
+    cdef object _read, _write, _acquire, _release
+
+    def __cinit__(self, device, lock, str name, int base):
+        self.device = device
+        self.name = name
+        self.base = base
+        self._read = device.read
+        self._write = device.write
+        self._acquire = lock.acquire
+        self._release = lock.release
+
+    cdef int serve(self, VcpuRunner runner, kvm_run *run, uint32_t off,
+                   unsigned char *data) noexcept:
+        cdef hv_io_t *io = HV_IO(run)
+        cdef uint32_t size = io.size, count = io.count, i
+        cdef bint is_out = io.direction == 1
+        try:
+            self._acquire()
+            try:
+                if is_out:
+                    for i in range(count):
+                        self._write(off, PyBytes_FromStringAndSize(
+                            <char *>data + <size_t>i * size, size))
+                else:
+                    for i in range(count):
+                        reply = self._read(off, size)
+                        if not _copy_exact(data + <size_t>i * size, size, reply):
+                            raise DeviceReplyError(
+                                f"{self.name} (port {self.base + off:#x}) answered a {size}-byte "
+                                f"read with {_reply_kind(reply)}; a device read returns "
+                                f"exactly {size} bytes")
+            finally:
+                self._release()
+        except BaseException as exc:
+            runner._pending = exc
+            return -1
+        return 1
+
+
+cdef object _reply_kind(reply):
+    if isinstance(reply, (bytes, bytearray, memoryview)):
+        try:
+            return f"{memoryview(reply).nbytes} bytes"
+        except (TypeError, ValueError):
+            pass
+    return f"a {type(reply).__name__}"
+
+
+cdef int _python_port_fn(void *state, void *owner, kvm_run *run, uint32_t off,
+                         unsigned char *data) noexcept nogil:
+    with gil:
+        return (<PythonPort>state).serve(<VcpuRunner>owner, run, off, data)
 
 
 cdef class VcpuRunner:
@@ -313,6 +399,7 @@ cdef class VcpuRunner:
     cdef readonly size_t map_size
     cdef readonly NativeVm vm
     cdef readonly int fd
+    cdef object _pending             # a port callback's exception, raised by run()
 
     def __cinit__(self, int fd, int vcpu_id, size_t map_size, NativeVm vm not None):
         cdef void *p
@@ -327,6 +414,7 @@ cdef class VcpuRunner:
         self.vm = vm
         self.fd = fd
         hv_runner_init(&self.r, fd, vcpu_id, self.krun, map_size, &vm.ports, &vm.state)
+        self.r.owner = <void *>self
 
     @classmethod
     def detached(cls, NativeVm vm not None, size_t map_size=3 * 4096):
@@ -347,16 +435,27 @@ cdef class VcpuRunner:
             raise KvmError("KVM_RUN", 9, "a detached runner has no vCPU")
         with nogil:
             rc = hv_run(&self.r)
+        if rc == HV_RUN_CALLBACK_ERROR:
+            self._raise_pending()
         if rc < 0:
             raise KvmError("KVM_RUN", -rc)
         return rc
 
+    cdef int _raise_pending(self) except -1:
+        exc, self._pending = self._pending, None
+        if exc is None:
+            raise KvmError("KVM_RUN", 5, "a port callback failed without an error")
+        raise exc
+
     def serve_native(self) -> int:
         """Offer the current IO exit to the native port table, as the run
-        loop does: 1 served, 2 the guest asked to exit, 0 left for Python."""
+        loop does: 1 served in C, 4 served by a Python port, 2 the guest
+        asked to exit, 0 left for Python; a Python port's error is raised."""
         cdef int rc
         with nogil:
             rc = hv_serve_port(&self.r, self.krun)
+        if rc == 3:
+            self._raise_pending()
         return rc
 
     def kick(self):
@@ -382,6 +481,12 @@ cdef class VcpuRunner:
     @property
     def native_exits(self) -> int:
         return self.r.native_exits
+
+    @property
+    def callback_exits(self) -> int:
+        """Exits a Python port (``NativeVm.add_python_port``) served from
+        inside the run loop."""
+        return self.r.callback_exits
 
     def exit_counts(self) -> dict:
         return {i: self.r.exit_counts[i] for i in range(HV_EXIT_REASONS)

@@ -126,20 +126,35 @@ void hv_runner_kick(hv_runner *r)
     pthread_mutex_unlock(&r->lock);
 }
 
-int hv_ports_add(hv_ports *ports, uint16_t base, uint16_t len, int kind, void *state)
+static int ports_add(hv_ports *ports, uint16_t base, uint16_t len, int kind, void *state,
+                     hv_port_fn fn)
 {
     int n = ports->n;
     if (n >= HV_MAX_PORTS || len == 0 || (uint32_t)base + len > 0x10000)
+        return -1;
+    if ((kind == HV_PORT_CALLBACK) != (fn != NULL))
         return -1;
     hv_port *p = &ports->ports[n];
     p->base = base;
     p->len = len;
     p->kind = kind;
     p->state = state;
+    p->fn = fn;
     p->hits = 0;
     /* Publish the filled entry to vCPU threads already running. */
     __atomic_store_n(&ports->n, n + 1, __ATOMIC_RELEASE);
     return n;
+}
+
+int hv_ports_add(hv_ports *ports, uint16_t base, uint16_t len, int kind, void *state)
+{
+    return ports_add(ports, base, len, kind, state, NULL);
+}
+
+int hv_ports_add_callback(hv_ports *ports, uint16_t base, uint16_t len, hv_port_fn fn,
+                          void *state)
+{
+    return ports_add(ports, base, len, HV_PORT_CALLBACK, state, fn);
 }
 
 int hv_ports_remove(hv_ports *ports, uint16_t base, uint16_t len)
@@ -229,6 +244,11 @@ int hv_serve_port(hv_runner *r, struct kvm_run *run)
             }
             return 0;
         }
+        case HV_PORT_CALLBACK:
+            if (p->fn(p->state, r->owner, run, off, data) < 0)
+                return 3;
+            p->hits++;
+            return 4;
         default:
             return 0;
         }
@@ -272,6 +292,14 @@ int hv_run(hv_runner *r)
             if (h == 1) {
                 r->native_exits++;
                 continue;
+            }
+            if (h == 4) {
+                r->callback_exits++;
+                continue;
+            }
+            if (h == 3) {
+                result = HV_RUN_CALLBACK_ERROR;
+                break;
             }
             if (h == 2) {
                 r->native_exits++;

@@ -1,6 +1,6 @@
 # Declarations of runloop.h for Cython (the .pxd/.pyx split: C facts here,
 # Python-facing code in _native.pyx).
-from libc.stdint cimport uint16_t, uint64_t, int64_t
+from libc.stdint cimport uint16_t, uint32_t, uint64_t, int64_t
 
 cdef extern from "linux/kvm.h":
     struct kvm_run:
@@ -15,9 +15,11 @@ cdef extern from "runloop.h" nogil:
         HV_PORT_SERIAL
         HV_PORT_EXIT
         HV_PORT_NULL
+        HV_PORT_CALLBACK
         HV_RUN_EXIT
         HV_RUN_INTERRUPTED
         HV_RUN_GUEST_EXIT
+        HV_RUN_CALLBACK_ERROR
 
     ctypedef struct hv_sink:
         unsigned char *buf
@@ -41,11 +43,15 @@ cdef extern from "runloop.h" nogil:
         int64_t exit_code
         int exit_vcpu
 
+    ctypedef int (*hv_port_fn)(void *state, void *owner, kvm_run *run, uint32_t off,
+                               unsigned char *data) noexcept nogil
+
     ctypedef struct hv_port:
         uint16_t base
         uint16_t len
         int kind
         void *state
+        hv_port_fn fn
         uint64_t hits
 
     ctypedef struct hv_ports:
@@ -57,8 +63,10 @@ cdef extern from "runloop.h" nogil:
         int vcpu_id
         kvm_run *run
         size_t map_size
+        void *owner
         uint64_t kvm_runs
         uint64_t native_exits
+        uint64_t callback_exits
         uint64_t exit_counts[64]
 
     int hv_sink_init(hv_sink *s, size_t limit)
@@ -67,6 +75,8 @@ cdef extern from "runloop.h" nogil:
     void hv_sink_lock(hv_sink *s)
     void hv_sink_unlock(hv_sink *s)
     int hv_ports_add(hv_ports *ports, uint16_t base, uint16_t len, int kind, void *state)
+    int hv_ports_add_callback(hv_ports *ports, uint16_t base, uint16_t len, hv_port_fn fn,
+                              void *state)
     int hv_ports_remove(hv_ports *ports, uint16_t base, uint16_t len)
     int hv_io_data_ok(const kvm_run *run, size_t map_size)
     int hv_serve_port(hv_runner *r, kvm_run *run)

@@ -123,13 +123,25 @@ class Vmm:
 
     def add_device(self, bus: Bus, base: int, length: int, device: Device,
                    name: str | None = None) -> None:
-        """Put a device on a bus; if it can be served in C, register that too."""
-        bus.register(base, length, device, name)
+        """Put a device on a bus. On the port bus, a device that can be
+        served in C is registered with the run loop; any other is called
+        from inside the run loop (the vCPU takes the GIL for the call and
+        goes straight back to the guest), which is the bus's dispatch
+        without the trip out of the loop."""
+        mapping = bus.register(base, length, device, name)
+        if not self.config.native_devices or bus is not self.io_bus:
+            return
         attach = getattr(device, "attach_native", None)
-        if self.config.native_devices and bus is self.io_bus and attach is not None:
+        if attach is not None:
             args = (base, length) if isinstance(device, NullPorts) else (base,)
             if attach(self.vm.native, *args):
                 self._native_ports[(base, length)] = device
+            return
+        try:
+            self.vm.native.add_python_port(base, length, device, mapping.lock, mapping.name)
+        except ValueError:
+            return          # the run loop's table is full: the bus serves it
+        self._native_ports[(base, length)] = device
 
     def remove_device(self, bus: Bus, device: Device, base: int | None = None) -> None:
         """Take a device off a bus (``bus.unregister`` does the same): a port
@@ -416,7 +428,9 @@ class Vmm:
 
     # -- statistics ------------------------------------------------------------
     def exit_counts(self) -> dict[str, int]:
-        """VM exits by reason over all vCPUs ("native" counts the ones C served)."""
+        """VM exits by reason over all vCPUs ("native" counts the ones C
+        served, "python_port" the ones Python ports served from inside the
+        run loop)."""
         out: dict[str, int] = {}
         for vcpu in self.vcpus:
             if vcpu.runner is None:
@@ -428,6 +442,7 @@ class Vmm:
                     name = str(reason)
                 out[name] = out.get(name, 0) + n
             out["native"] = out.get("native", 0) + vcpu.runner.native_exits
+            out["python_port"] = out.get("python_port", 0) + vcpu.runner.callback_exits
         return out
 
     def kvm_exits(self) -> int:
