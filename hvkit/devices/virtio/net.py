@@ -199,30 +199,39 @@ class VirtioNet(VirtioDevice):
     def _transmit(self) -> None:
         q = self.queues[TX]
         fd = self.backend.fd
-        while self.active and not self._tx_blocked:
-            q.disable_notification()
-            for chain in self.chains(TX):
-                if chain.write_len or not HDR_SIZE <= chain.read_len <= MAX_PACKET:
-                    self.stats["tx_dropped"] += 1
-                    q.errors += 1
-                    q.push(chain.head, 0)
-                    continue
-                try:
-                    os.writev(fd, chain.readable)
-                except BlockingIOError:
-                    q.undo_pop()
-                    self._tx_blocked = True
+        writev, push = os.writev, q.push
+        packets = nbytes = dropped = 0
+        try:
+            while self.active and not self._tx_blocked:
+                q.disable_notification()
+                for chain in self.chains(TX):
+                    n = chain.read_len
+                    if chain.write_len or not HDR_SIZE <= n <= MAX_PACKET:
+                        dropped += 1
+                        q.errors += 1
+                        push(chain.head, 0)
+                        continue
+                    try:
+                        writev(fd, chain.readable)
+                    except BlockingIOError:
+                        q.undo_pop()
+                        self._tx_blocked = True
+                        break
+                    except OSError as exc:
+                        # the tap refuses a malformed packet (bad GSO header, say)
+                        log.debug("virtio-net: tap write: %s", exc)
+                        dropped += 1
+                    else:
+                        packets += 1
+                        nbytes += n - HDR_SIZE
+                    push(chain.head, 0)
+                if self._tx_blocked or not q.enable_notification():
                     break
-                except OSError as exc:
-                    # the tap refuses a malformed packet (bad GSO header, say)
-                    log.debug("virtio-net: tap write: %s", exc)
-                    self.stats["tx_dropped"] += 1
-                else:
-                    self.stats["tx_packets"] += 1
-                    self.stats["tx_bytes"] += chain.read_len - HDR_SIZE
-                q.push(chain.head, 0)
-            if self._tx_blocked or not q.enable_notification():
-                break
+        finally:
+            stats = self.stats
+            stats["tx_packets"] += packets
+            stats["tx_bytes"] += nbytes
+            stats["tx_dropped"] += dropped
         self.signal_used(TX)
 
     def _receive(self) -> None:
@@ -283,6 +292,10 @@ def _set_num_buffers(views: list[memoryview]) -> None:
     """num_buffers (header bytes 10-11) is 1: each packet uses one chain.
     The tap leaves those bytes alone, so the device writes them."""
     value = b"\x01\x00"
+    first = views[0]
+    if len(first) >= HDR_SIZE:              # the header in one buffer: the usual case
+        first[10:12] = value
+        return
     pos = 0
     for v in views:
         for i in range(len(v)):
