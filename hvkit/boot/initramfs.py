@@ -29,7 +29,13 @@ DEFAULT_APPLETS = ("sh", "mount", "umount", "mkdir", "echo", "cat", "ls", "power
                    "false", "dd", "wc", "grep", "sed", "head", "tail", "sync", "mknod",
                    "hexdump", "stat", "rm", "cp", "mv", "ln", "env", "printf", "test",
                    "[", "free", "date", "md5sum", "sha256sum", "sort", "uniq", "tr",
-                   "cut", "seq", "find", "xargs", "chmod", "touch", "ip", "ifconfig")
+                   "cut", "seq", "find", "xargs", "chmod", "touch", "ip", "ifconfig",
+                   "mke2fs", "nc", "timeout", "od", "cmp")
+
+#: hvkit's static guest tools (guests/tools/NAME.c, built into hvkit/guests
+#: as hvkit-NAME), put in /sbin when built: hvkit-poweroff ends the VM with
+#: a status, hvkit-vsock is a vsock client and server (busybox has none)
+GUEST_TOOLS = ("hvkit-poweroff", "hvkit-vsock")
 
 
 @dataclass(frozen=True)
@@ -299,7 +305,7 @@ def busybox_entries(busybox: str | None = None,
                     applets: Sequence[str] = DEFAULT_APPLETS) -> list[Entry]:
     """/bin/busybox, applet symlinks, the directories and device nodes an
     init needs before devtmpfs is mounted (/dev/console, /dev/null), and
-    /sbin/hvkit-poweroff (ends an hvkit VM with a status) when it is built."""
+    hvkit's guest tools in /sbin (``GUEST_TOOLS``) where they are built."""
     path = find_busybox(busybox)
     with open(path, "rb") as fh:
         binary = fh.read()
@@ -315,11 +321,12 @@ def busybox_entries(busybox: str | None = None,
         if "/" in applet:
             raise GuestLoadError(f"applet name {applet!r} contains '/'")
         out.append(symlink(f"/bin/{applet}", "busybox"))
-    poweroff = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            "guests", "hvkit-poweroff")
-    if os.path.exists(poweroff):
-        with open(poweroff, "rb") as fh:
-            out.append(file("/sbin/hvkit-poweroff", fh.read(), 0o755))
+    tools = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "guests")
+    for tool in GUEST_TOOLS:
+        path = os.path.join(tools, tool)
+        if os.path.exists(path):
+            with open(path, "rb") as fh:
+                out.append(file(f"/sbin/{tool}", fh.read(), 0o755))
     return out
 
 

@@ -124,6 +124,28 @@ def test_busybox_initramfs_contents():
 
 
 @need_busybox
+def test_default_applets_are_in_the_host_busybox():
+    """A link to an applet busybox lacks fails only inside the guest
+    ("applet not found"): every default one must be in the list."""
+    listed = subprocess.run([irf.find_busybox(), "--list"], capture_output=True, text=True,
+                            check=True).stdout.split()
+    assert set(irf.DEFAULT_APPLETS) <= set(listed), set(irf.DEFAULT_APPLETS) - set(listed)
+
+
+@need_busybox
+def test_guest_tools_go_to_sbin():
+    built = os.path.join(os.path.dirname(irf.__file__), "..", "guests")
+    got = {e.path: e for e in irf.read_newc(irf.busybox_initramfs())}
+    for tool in irf.GUEST_TOOLS:
+        path = os.path.join(built, tool)
+        if not os.path.exists(path):
+            pytest.skip(f"{tool} is not built (make -C guests)")
+        with open(path, "rb") as f:
+            assert got[f"sbin/{tool}"].data == f.read()
+        assert got[f"sbin/{tool}"].mode == stat.S_IFREG | 0o755
+
+
+@need_busybox
 def test_init_script_runs_under_host_busybox(tmp_path):
     """The generated script's hvkit.run parsing, run by the same busybox sh
     against a fake /proc/cmdline."""
