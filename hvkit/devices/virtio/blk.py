@@ -119,8 +119,7 @@ class VirtioBlk(VirtioDevice):
             0, 0, 1,                                  # writeback, unused, num_queues
             max_discard_sectors, max_segments, align,
             max_discard_sectors, max_segments, 0))
-        #: requests answered with each status, for tests and metrics
-        self.completed = {S_OK: 0, S_IOERR: 0, S_UNSUPP: 0}
+        self._answered = {S_OK: 0, S_IOERR: 0, S_UNSUPP: 0}
         if io_threads is None:
             from hvkit.storage.raw import RawFileBackend
             io_threads = 8 if isinstance(backend, RawFileBackend) else 0
@@ -143,6 +142,16 @@ class VirtioBlk(VirtioDevice):
                                  on_event(self.native.irq_fd, self._native_interrupt))
             self.worker.register(self.native.exit_fd, selectors.EVENT_READ,
                                  on_event(self.native.exit_fd, self._native_exited))
+
+    @property
+    def completed(self) -> dict[int, int]:
+        """Requests answered with each status (Python and C engines), for
+        tests and metrics."""
+        out = dict(self._answered)
+        live = self.native.live_stats() if self.native is not None else {}
+        for status, key in ((S_OK, "ok"), (S_IOERR, "ioerr"), (S_UNSUPP, "unsupp")):
+            out[status] += live.get(key, 0)
+        return out
 
     # -- the C engine -------------------------------------------------------------
 
@@ -168,7 +177,7 @@ class VirtioBlk(VirtioDevice):
         native.stop(self.queues[0])
         st = native.stats
         for status, key in ((S_OK, "ok"), (S_IOERR, "ioerr"), (S_UNSUPP, "unsupp")):
-            self.completed[status] += st[key]
+            self._answered[status] += st[key]
         self.queues[0].errors += st["chain_errors"]
         fd = self.notify_fd(0)
         if worker_takes_over and not self.worker.registered(fd):
@@ -266,7 +275,7 @@ class VirtioBlk(VirtioDevice):
             if status is None:
                 q.errors += 1
             else:
-                self.completed[status] += 1
+                self._answered[status] += 1
             q.push(head, written)
             n += 1
 
@@ -312,7 +321,7 @@ class VirtioBlk(VirtioDevice):
 
     def _request(self, chain: Chain) -> int:
         written, status = self._serve(chain)
-        self.completed[status] += 1
+        self._answered[status] += 1
         return written
 
     def _serve(self, chain: Chain) -> tuple[int, int]:

@@ -113,6 +113,12 @@ class NativeBlkQueue:
     def running(self) -> bool:
         return self._thread is not None
 
+    def live_stats(self) -> dict[str, int]:
+        """The running engine's counters (empty when stopped: ``stop``
+        leaves the last ones in ``stats``)."""
+        eng = self._engine
+        return eng.stats if eng is not None else {}
+
     def start(self, q: Virtqueue, kick_fd: int) -> None:
         """Serve ``q`` (ready) from its current positions; ``kick_fd`` is
         the queue's notification eventfd."""
