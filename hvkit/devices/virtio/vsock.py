@@ -14,10 +14,12 @@ device's worker thread; guest data goes to a socket straight from guest
 memory, and socket data is received straight into the guest's buffers.
 
 Each pass over the transmit queue gathers a connection's data packets and
-hands them to its socket in one ``sendmsg``, and one ``recvmsg_into``
-fills several receive buffers: a stream costs a system call (and a wake-up
-of the process on the other end) per batch, not per packet. The guest's
-buffers go back to it only after their bytes are in the socket or copied.
+hands them to its socket in one ``sendmsg``; on receive, a read that fills
+its buffer is followed by one ``recvmsg_into`` into up to 15 more: a stream
+costs a system call (and a wake-up of the process on the other end) per
+batch, not per packet, while a short message still costs one read. The
+guest's buffers go back to it only after their bytes are in the socket or
+copied.
 """
 from __future__ import annotations
 
@@ -542,25 +544,13 @@ class VirtioVsock(VirtioDevice):
             credit = min(budget, w.remaining, MAX_PKT)
             if credit <= 0:
                 continue                     # wait for the guest's credit update
-            views = w.take(credit)
-            more = self._more_rx_buffers(budget - credit)
-            for _, extra_hdr, extra in more:
-                views.extend(extra)
             try:
-                n = conn.sock.recvmsg_into(views)[0]
+                n = conn.sock.recvmsg_into(w.take(credit))[0]
             except BlockingIOError:
-                n = -1
-            except OSError:
-                n = -2
-            if n < 0 or n <= credit:
-                for _ in more:               # the extra buffers were not needed
-                    self.queues[RX].undo_pop()
-                more = []
-            if n == -1:
                 conn.readable = False
                 self._watch(conn)
                 continue
-            if n == -2:
+            except OSError:
                 self._close(conn, rst=True)
                 continue
             if n == 0:
@@ -572,23 +562,39 @@ class VirtioVsock(VirtioDevice):
                 self._watch(conn)
                 self._expire(conn, CLOSING)
                 return HDR.size
-            conn.rx_cnt = (conn.rx_cnt + n) & 0xFFFFFFFF
-            first = min(n, credit)
-            _scatter(hdr_views, self._hdr(conn, OP_RW, length=first))
-            left = n - first
-            unused = 0
-            for head, extra_hdr, extra in more:
-                k = min(left, sum(len(v) for v in extra))
-                if k == 0:
-                    unused += 1
-                    continue
-                _scatter(extra_hdr, self._hdr(conn, OP_RW, length=k))
-                self._rx_more.append((head, HDR.size + k))
-                left -= k
-            for _ in range(unused):          # the tail the read did not reach
-                self.queues[RX].undo_pop()
+            extra = self._read_more(conn, budget - n) if n == credit else 0
+            conn.rx_cnt = (conn.rx_cnt + n + extra) & 0xFFFFFFFF
+            _scatter(hdr_views, self._hdr(conn, OP_RW, length=n))
             self._rx_pending[key] = conn     # keep reading, round robin
-            return HDR.size + first
+            return HDR.size + n
+
+    def _read_more(self, conn: Connection, budget: int) -> int:
+        """The first buffer came back full: read on into further rx
+        buffers with one more recvmsg_into (queued in ``_rx_more`` after
+        the current one); returns the bytes read. Errors and end of stream
+        are left for the next read to find."""
+        more = self._more_rx_buffers(budget) if budget > 0 else []
+        if not more:
+            return 0
+        views: list[memoryview] = []
+        for _, _, payload in more:
+            views.extend(payload)
+        try:
+            left = total = conn.sock.recvmsg_into(views)[0]
+        except OSError:
+            left = total = 0
+        unused = 0
+        for head, hdr_views, payload in more:
+            k = min(left, sum(len(v) for v in payload))
+            if k == 0:
+                unused += 1
+                continue
+            _scatter(hdr_views, self._hdr(conn, OP_RW, length=k))
+            self._rx_more.append((head, HDR.size + k))
+            left -= k
+        for _ in range(unused):              # the tail the read did not reach
+            self.queues[RX].undo_pop()
+        return total
 
     def _more_rx_buffers(self, budget: int) -> list[tuple[int, list[memoryview],
                                                           list[memoryview]]]:
