@@ -13,7 +13,7 @@ from hvkit.arch.x86 import layout
 from hvkit.arch.x86.modes import setup_mode
 from hvkit.arch.x86.msrs import boot_msrs
 from hvkit.errors import ConfigError
-from hvkit.kvm.structs import Fpu, Lapic
+from hvkit.kvm.structs import Fpu, Lapic, Sregs
 from hvkit.kvm.vcpu import MP_STATE_RUNNABLE
 from hvkit.vmm.config import EntryState, VmConfig
 
@@ -41,16 +41,32 @@ def read_guest(config: VmConfig) -> "ElfImage":
     return image
 
 
-def setup_cpu(vcpu: "Vcpu") -> Lapic:
+def setup_cpu(vcpu: "Vcpu", reset_lapic: bytes | None = None) -> Lapic:
     """What firmware would leave: boot MSRs, a clean FPU, LINT0 as ExtINT
-    (the PIC) and LINT1 as NMI. Returns the local APIC's state."""
+    (the PIC) and LINT1 as NMI. Returns the local APIC's state.
+    ``reset_lapic``: the state a fresh vCPU of this shape reports, if known
+    (spares reading it)."""
     vcpu.set_msrs(boot_msrs())
     vcpu.set_fpu(Fpu())
-    lapic = vcpu.get_lapic()
+    lapic = Lapic(reset_lapic) if reset_lapic is not None else vcpu.get_lapic()
     lapic.set(Lapic.LVT_LINT0, APIC_MODE_EXTINT << 8)
     lapic.set(Lapic.LVT_LINT1, APIC_MODE_NMI << 8)
     vcpu.set_lapic(lapic)
     return lapic
+
+
+#: (local APIC, special registers) a fresh vCPU reports, by (KVM handle, vCPU
+#: id, vCPU count): KVM's reset state, the same for every freestanding VM of
+#: one shape (its CPUID too), so read once per process instead of per VM
+_reset_state: dict[tuple[int, int, int], tuple[bytes, bytes]] = {}
+
+
+def reset_state(vmm: "Vmm", vcpu: "Vcpu") -> tuple[bytes, Sregs]:
+    key = (id(vmm.kvm), vcpu.id, len(vmm.vcpus))
+    hit = _reset_state.get(key)
+    if hit is None:
+        hit = _reset_state[key] = (vcpu.get_lapic().pack(), vcpu.get_sregs().pack())
+    return hit[0], Sregs.unpack(hit[1])
 
 
 def boot_stack(vcpu_id: int) -> int:
@@ -75,16 +91,17 @@ def load_freestanding(vmm: "Vmm", image: "ElfImage") -> None:
     if rt is not None:
         memory.write(rt.idt, rt.idt_image)
     for vcpu in vmm.vcpus:
-        lapic = setup_cpu(vcpu)
+        lapic_bytes, sregs = reset_state(vmm, vcpu)
+        lapic = setup_cpu(vcpu, lapic_bytes)
         if rt is not None:
             for addr, data in rt.cpu_writes(vcpu.id, lapic.apic_id):
                 memory.write(addr, data)
-            vcpu.set_sregs(rt.entry_sregs(vcpu.get_sregs(), vcpu.id))
+            vcpu.set_sregs(rt.entry_sregs(sregs, vcpu.id))
             vcpu.set_regs(rt.entry_regs(vcpu.id, n, layout.GUEST_ARGS_ADDR))
         else:
             setup_mode(vcpu, memory, "long", image.entry, stack=boot_stack(vcpu.id),
                        regs={"rdi": vcpu.id, "rsi": n, "rdx": layout.GUEST_ARGS_ADDR},
-                       write_tables=vcpu.id == 0)
+                       sregs=sregs, write_tables=vcpu.id == 0)
         if vcpu.id:
             vcpu.set_mp_state(MP_STATE_RUNNABLE)
 
