@@ -8,8 +8,9 @@ benchmark port, then the exit port), in the same CPU mode, in one run:
      do per exit (KVM_RUN, look at the port, count, KVM_RUN again);
   b  hvkit's MicroVM with the benchmark port served in C (NullPorts via
      add_device -> the native run loop never returns to Python);
-  c  hvkit's MicroVM with the port served by a Python device on io_bus
-     (every exit goes native loop -> Python -> bus -> device -> back).
+  c  hvkit's MicroVM with the port served by a Python device added with
+     add_device (the native loop calls the device itself, taking the GIL
+     for the call only, and goes straight back to KVM_RUN).
 
 Both privilege levels are measured: CPL0 (the VMM's entry, where an exit
 is cheap on nested PVM hosts but every guest instruction is emulated) and
@@ -189,8 +190,13 @@ def main() -> int:
         out["wall_ratio_c_a"] = round(wall_rate["c"] / wall_rate["a"], 3)
         out["target_b_a"] = 0.9
         out["target_met"] = out["ratio_b_a"] >= 0.9
+        # A VMM author's own devices are Python: their exits should cost
+        # little more than the raw loop's (issue 10).
+        out["target_c_a"] = 0.95
+        out["target_c_a_met"] = out["ratio_c_a"] >= 0.95
         result[f"cpl{cpl}"] = out
     result["host"] = host_facts(hz)
+    result["loadavg"] = list(os.getloadavg())
     print(json.dumps(result, indent=2))
     return 0
 

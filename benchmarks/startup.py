@@ -54,6 +54,8 @@ from hvkit.machine import MicroVM
 
 GUEST = "hello"
 MEMORY = 64 << 20
+#: issue 10's target (1.5 ms) over the bare create it was measured beside (0.54 ms)
+RATIO_TARGET = round(1.5 / 0.54, 2)
 
 # KVM ioctl numbers (linux/kvm.h), for the hvkit-free baseline.
 KVM_CREATE_VM = 0xAE01
@@ -250,6 +252,11 @@ def main() -> int:
                 "p99": ms(percentile(bare_plain, 99))}},
         "ratio_first_byte_to_bare_create": round(statistics.median(first)
                                                  / statistics.median(bare_create), 2),
+        # The 1.5 ms target was set where a bare create took 0.54 ms; on a
+        # busier or slower host the ratio is what carries over.
+        "target_ratio_first_byte_to_bare_create": RATIO_TARGET,
+        "ratio_target_met": statistics.median(first)
+        <= RATIO_TARGET * statistics.median(bare_create),
         "ratio_vms_per_s_to_bare": round(vms_per_s / bare_per_s, 3),
         "ratio_vms_per_s_reaper_to_bare": round(bg_per_s / bare_per_s, 3),
         "host": {"kernel": platform.release(), "cpus": os.cpu_count(),
