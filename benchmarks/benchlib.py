@@ -69,3 +69,21 @@ def git_revision() -> str | None:
                               text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+def emit(report: dict, output: str | None) -> None:
+    """Print a benchmark's JSON report, with what was measured (hvkit's
+    version, path and revision; the CPUs; the load at the end) added, and
+    write it to ``output`` as well when given."""
+    import json
+    import hvkit
+    report = {**report,
+              "hvkit": {"version": getattr(hvkit, "__version__", None),
+                        "path": os.path.dirname(hvkit.__file__), "git": git_revision()},
+              "cpus": os.cpu_count(),
+              "loadavg_end": [round(x, 2) for x in os.getloadavg()]}
+    text = json.dumps(report, indent=2)
+    print(text)
+    if output:
+        with open(output, "w") as f:
+            f.write(text + "\n")

@@ -23,7 +23,6 @@ and gcc; without gcc or taps it says so and exits 2.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -32,11 +31,10 @@ import sys
 import tempfile
 import time
 
-import hvkit
 from hvkit.machine import MicroVM
 from hvkit.net.tap import Tap, tun_available
 
-from benchlib import Load, git_revision, tsc_hz
+from benchlib import Load, emit, tsc_hz
 
 HC_RESULT, HC_START = 0x1410, 0x1411
 
@@ -224,16 +222,9 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     report = {"benchmark": "virtio-net guest->host through a tap",
               "baseline": "a host C program writing the same frames to the same tap fd",
-              "hvkit": {"version": getattr(hvkit, "__version__", None),
-                        "path": os.path.dirname(hvkit.__file__), "git": git_revision()},
-              "frames_per_run": a.frames, "tsc_hz": hz, "cpus": os.cpu_count(),
-              "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+              "frames_per_run": a.frames, "tsc_hz": hz,
               "seconds": round(time.time() - started, 1), "results": results}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if a.output:
-        with open(a.output, "w") as f:
-            f.write(text + "\n")
+    emit(report, a.output)
     return 0
 
 

@@ -29,7 +29,6 @@ absolutes.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import socket
@@ -39,10 +38,9 @@ import sys
 import tempfile
 import time
 
-import hvkit
 from hvkit.machine import MicroVM
 
-from benchlib import Load, git_revision, tsc_hz
+from benchlib import Load, emit, tsc_hz
 
 HC_RESULT, HC_START = 0x1420, 0x1421
 PORT = 1234
@@ -273,17 +271,10 @@ def main() -> int:
     report = {"benchmark": "virtio-vsock guest<->host",
               "baseline": "two host processes over socketpair(AF_UNIX, SOCK_STREAM), "
                           "the same phases and sizes",
-              "hvkit": {"version": getattr(hvkit, "__version__", None),
-                        "path": os.path.dirname(hvkit.__file__), "git": git_revision()},
               "rounds": a.rounds, "msg_bytes": a.msg, "stream_bytes": a.mib << 20,
-              "chunk_bytes": a.chunk, "tsc_hz": hz, "cpus": os.cpu_count(),
-              "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+              "chunk_bytes": a.chunk, "tsc_hz": hz,
               "seconds": round(time.time() - started, 1), "results": results}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if a.output:
-        with open(a.output, "w") as f:
-            f.write(text + "\n")
+    emit(report, a.output)
     return 0
 
 
