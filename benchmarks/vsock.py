@@ -20,7 +20,8 @@ three phases, each timed by the guest's TSC:
 The baseline runs the same peer on one end of a ``socketpair(AF_UNIX,
 SOCK_STREAM)`` and a second host process in the guest's place on the other
 end, sending in the same --chunk sizes and checking the same bytes: the
-same transfer with no VM in the way. Each scenario runs --repeat times,
+same transfer with no VM in the way. Both clocks start once the peer
+process is up (its start-up is not measured). Each scenario runs --repeat times,
 interleaved; the JSON has every run, medians, the ratios of the guest's
 medians to the baseline's, and the load (load average before and after
 each run, the CPUs' busy share). The host is shared: compare ratios, not
@@ -152,6 +153,8 @@ def baseline(a: argparse.Namespace) -> dict:
                                 pass_fds=(right.fileno(),))
         right.close()
         try:
+            if recv_exact(left, 1) != b"R":   # the peer has started (not timed)
+                raise RuntimeError("the baseline's peer did not start")
             times = client(left, a.rounds, a.msg, a.mib << 20, a.chunk)
         finally:
             left.close()
@@ -166,8 +169,10 @@ def guest(a: argparse.Namespace, transport: str, hz: float, tmp: str) -> dict:
     listener.bind(f"{uds}_{PORT}")
     listener.listen(1)
     peer = subprocess.Popen(peer_cmd(a, "--listen-fd", str(listener.fileno())),
-                            pass_fds=(listener.fileno(),))
+                            pass_fds=(listener.fileno(),), stdout=subprocess.PIPE)
     listener.close()
+    if peer.stdout.readline() != b"ready\n":     # started, before the guest's clock runs
+        raise RuntimeError("the guest's peer did not start")
     vm = MicroVM("virtio_vsock", memory="64M",
                  args=f"mmio={int(transport == 'mmio')} port={PORT} bench=1 "
                       f"rounds={a.rounds} msg={a.msg} bytes={a.mib << 20} chunk={a.chunk}")
@@ -199,6 +204,7 @@ def guest(a: argparse.Namespace, transport: str, hz: float, tmp: str) -> dict:
         except subprocess.TimeoutExpired:
             peer.kill()
             rc = -1
+        peer.stdout.close()
     if rc != 0:
         raise RuntimeError(f"the guest's peer failed ({rc})")
     _rounds_msg, total, c_rt, c_g2h, c_h2g, notifies = marks["result"][:6]
@@ -216,10 +222,12 @@ def run_peer(a: argparse.Namespace) -> int:
     if a.listen_fd is not None:
         listener = socket.socket(fileno=a.listen_fd)
         listener.settimeout(120)
+        print("ready", flush=True)
         sock, _ = listener.accept()
         listener.close()
     else:
         sock = socket.socket(fileno=a.fd)
+        sock.sendall(b"R")              # ready: the baseline's clock starts after this
     sock.settimeout(300)
     sock.setblocking(True)
     with sock:
