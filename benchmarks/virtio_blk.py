@@ -1,6 +1,10 @@
 """virtio-blk: 4 KiB random read IOPS from the freestanding driver at QD1 and
 QD32, over virtio-pci and virtio-mmio, against fio on the host reading the
 same file (the ceiling) and hvkit's NVMe in shadow-doorbell mode, in one run.
+virtio-pci and virtio-mmio use the C queue engine (the disk is a raw file);
+virtio-pci-python serves the same disk with the Python engine, for the
+difference; each virtio run records its engine and the C loop's statistics
+(poll window, sleeps, notifications taken, waits on the ring).
 
     python benchmarks/virtio_blk.py [--ios 4096] [--qd 1 32] [--repeat 3]
 
@@ -36,32 +40,16 @@ import hvkit
 from hvkit.machine import MicroVM
 from hvkit.storage.raw import RawFileBackend
 
-from benchlib import cpu_times, fill, pct, tsc_hz
+from benchlib import Load, fill, git_revision, pct, tsc_hz
 
 HC_BLK_RESULT, HC_BLK_START = 0x1400, 0x1401
 HC_NVME_RESULT, HC_NVME_START = 0x1200, 0x1201
 PAGES = 16384                  # the range used, in 4 KiB pages (64 MiB)
 
 
-class Load:
-    """Load average and the CPUs' busy share over a block."""
-
-    def __enter__(self) -> "Load":
-        self.t0, self.avg0 = cpu_times(), os.getloadavg()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        b1, t1 = cpu_times()
-        self.busy = round((b1 - self.t0[0]) / max(t1 - self.t0[1], 1), 3)
-        self.avg1 = os.getloadavg()
-
-    def record(self) -> dict:
-        return {"cpu_busy": self.busy,
-                "loadavg": [[round(x, 2) for x in self.avg0], [round(x, 2) for x in self.avg1]]}
-
-
 def run_guest(kind: str, qd: int, ios: int, disk: str, hz: float, direct: bool) -> dict:
-    """One guest run: kind is "virtio-pci", "virtio-mmio" or "nvme-shadow"."""
+    """One guest run: kind is "virtio-pci", "virtio-mmio", "virtio-pci-python"
+    (the Python queue engine) or "nvme-shadow"."""
     backend = RawFileBackend(disk, direct=direct)
     nvme = kind == "nvme-shadow"
     if nvme:
@@ -93,11 +81,17 @@ def run_guest(kind: str, qd: int, ios: int, disk: str, hz: float, direct: bool) 
 
     vm.hypercalls.register(start_nr, start, f"{kind}-bench-start")
     vm.hypercalls.register(result_nr, result, f"{kind}-bench-result")
+    engine = "python" if kind.endswith("-python") else "native"
+    dev = None
     try:
         if nvme:
             vm.add_nvme([backend], mode="shadow")
         else:
-            vm.add_virtio_blk(backend, transport=kind.split("-")[1])
+            os.environ["HVKIT_VIRTIO_BLK_ENGINE"] = engine
+            try:
+                dev = vm.add_virtio_blk(backend, transport=kind.split("-")[1])
+            finally:
+                del os.environ["HVKIT_VIRTIO_BLK_ENGINE"]
         with Load() as load:
             code = vm.run(timeout=900)
         if code != 0:
@@ -106,6 +100,7 @@ def run_guest(kind: str, qd: int, ios: int, disk: str, hz: float, direct: bool) 
     finally:
         vm.close()
         backend.close()
+    native = dev.native if dev is not None else None
     n, cycles, wcycles, notifies, lat = marks["result"]
     reads = n - n // 2
     read_secs = (cycles - wcycles) / hz
@@ -116,6 +111,11 @@ def run_guest(kind: str, qd: int, ios: int, disk: str, hz: float, direct: bool) 
            # the result hypercall is an exit itself
            "kvm_exits_per_io": round(max(marks["end"] - marks["start"] - 1, 0) / n, 3),
            "load": load.record()}
+    if dev is not None:
+        out["engine"] = "C" if native is not None else "Python"
+        if native is not None:
+            # the poll window's decisions and where the loop spent its time
+            out["engine_loop"] = native.run_stats
     if notifies is not None:
         out["notifications_per_io"] = round(notifies / n, 3)
         stale = [line for line in console.splitlines() if "stale reads" in line]
@@ -152,23 +152,16 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
-def git_revision() -> str | None:
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        return subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ios", type=int, default=4096)
     ap.add_argument("--qd", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--repeat", type=int, default=3, help="runs per scenario (at least 3)")
     ap.add_argument("--scenarios", nargs="+",
-                    default=["virtio-pci", "virtio-mmio", "nvme-shadow", "host-fio"],
-                    choices=["virtio-pci", "virtio-mmio", "nvme-shadow", "host-fio"])
+                    default=["virtio-pci", "virtio-mmio", "virtio-pci-python", "nvme-shadow",
+                             "host-fio"],
+                    choices=["virtio-pci", "virtio-mmio", "virtio-pci-python", "nvme-shadow",
+                             "host-fio"])
     ap.add_argument("--disk-mb", type=int, default=128)
     ap.add_argument("--dir", default="/var/tmp")
     ap.add_argument("--fio-seconds", type=float, default=2.0)

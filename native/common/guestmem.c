@@ -1,8 +1,17 @@
 /* Checked guest-RAM lookups: see guestmem.h. */
 #include "guestmem.h"
 
+#include <errno.h>
 #include <stddef.h>
 #include <string.h>
+
+int hv_gm_add(struct hv_region *r, int *n, int max, uint64_t gpa, uint64_t size, uint8_t *hva)
+{
+    if (*n >= max)
+        return -ENOSPC;
+    r[(*n)++] = (struct hv_region){gpa, size, hva};
+    return 0;
+}
 
 int hv_gm_index(const struct hv_region *r, int n, uint64_t gpa, uint64_t len)
 {

@@ -12,6 +12,8 @@ struct hv_region {
     uint8_t *hva;
 };
 
+/* append a region to r[*n] (room for max); 0 or -ENOSPC */
+int hv_gm_add(struct hv_region *r, int *n, int max, uint64_t gpa, uint64_t size, uint8_t *hva);
 /* the region holding all of [gpa, gpa+len), or -1 */
 int hv_gm_index(const struct hv_region *r, int n, uint64_t gpa, uint64_t len);
 /* host pointer for [gpa, gpa+len) inside one region, else NULL

@@ -282,10 +282,7 @@ void nvme_engine_free(struct nvme_engine *e)
 
 int nvme_add_region(struct nvme_engine *e, uint64_t gpa, uint64_t size, uint8_t *hva)
 {
-    if (e->nregions >= NVME_MAX_REGIONS)
-        return -ENOSPC;
-    e->regions[e->nregions++] = (struct hv_region){gpa, size, hva};
-    return 0;
+    return hv_gm_add(e->regions, &e->nregions, NVME_MAX_REGIONS, gpa, size, hva);
 }
 
 int nvme_add_ns(struct nvme_engine *e, uint32_t nsid, int fd, int lba_shift, uint64_t size,

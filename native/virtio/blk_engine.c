@@ -117,10 +117,7 @@ int vblk_enable_uring(struct vblk_engine *e)
 
 int vblk_add_region(struct vblk_engine *e, uint64_t gpa, uint64_t size, uint8_t *hva)
 {
-    if (e->nregions >= VBLK_MAX_REGIONS)
-        return -ENOSPC;
-    e->regions[e->nregions++] = (struct hv_region){gpa, size, hva};
-    return 0;
+    return hv_gm_add(e->regions, &e->nregions, VBLK_MAX_REGIONS, gpa, size, hva);
 }
 
 int vblk_set_queue(struct vblk_engine *e, uint32_t size, uint64_t desc, uint64_t avail,

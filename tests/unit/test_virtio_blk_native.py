@@ -339,3 +339,38 @@ def test_native_engine_refused_for_other_backends(tmp_path):
     finally:
         be.close()
         mem.close()
+
+
+@given(g=guest_rings(), event_idx=st.booleans(), indirect=st.booleans())
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+def test_hostile_rings_against_the_running_engine(tmp_path, g, event_idx, indirect):
+    """The engine's own loop (io_uring, many requests in flight) on random
+    rings: every chain made available is answered, or the device asks for
+    a reset; nothing else happens to the VMM."""
+    features = ((1 << V.F_EVENT_IDX) if event_idx else 0) \
+        | ((1 << V.F_INDIRECT_DESC) if indirect else 0)
+    mem = GuestMemory.create(MEM)
+    be = make_disk(str(tmp_path / "run.img"), bytes(DISK))
+    dev = VirtioBlk(mem, be, engine="native", serial="run")
+    drv = MmioDriver(VirtioMmioTransport(dev), mem, alloc_base=RINGS, alloc_end=HDRS)
+    try:
+        drv.setup(features=features, queue_sizes={0: QSIZE})
+        assert dev.native.running
+        dq = drv.queues[0]
+        plant(mem, dq, g)
+        drv.kick(0)
+        want = g["advance"] & 0xFFFF
+        wait_for(lambda: dev.status & V.STATUS_DEVICE_NEEDS_RESET
+                 or (want <= QSIZE and dq.used_idx() == want), timeout=10)
+        if not dev.status & V.STATUS_DEVICE_NEEDS_RESET:
+            for slot in range(want):
+                head, _ = struct.unpack("<II", mem.read(dq.used + 4 + 8 * slot, 8))
+                assert head < QSIZE
+        dev.pause()                            # positions back in the Virtqueue
+        if not dev.status & V.STATUS_DEVICE_NEEDS_RESET:
+            assert dev.queues[0].positions()[:2] == (want, want)
+    finally:
+        dev.close()
+        be.close()
+        mem.close()

@@ -182,6 +182,8 @@ class VirtioBlk(VirtioDevice):
         fd = self.notify_fd(0)
         if worker_takes_over and not self.worker.registered(fd):
             self.worker.register(fd, selectors.EVENT_READ, self._notified)
+        if native.failure and worker_takes_over:
+            self.needs_reset(f"queue 0: {native.failure}")
 
     def _notified(self, _mask: int) -> None:
         drain_eventfd(self.notify_fd(0))
@@ -192,12 +194,9 @@ class VirtioBlk(VirtioDevice):
             self.transport.signal_queue(0)
 
     def _native_exited(self) -> None:
-        native = self.native
-        if native is None or not native.running or not native.failure:
-            return
-        reason = native.failure
-        self._stop_native()
-        self.needs_reset(f"queue 0: {reason}")
+        """The engine stopped by itself: the ring broke (NEEDS_RESET)."""
+        if self.native is not None and self.native.failure:
+            self._stop_native()
 
     def reset(self) -> None:
         """The engine lets go of the rings before they are reset."""
