@@ -24,9 +24,10 @@ void uring_close(struct uring *u)
     free(u);
 }
 
-int uring_open(struct uring **out, unsigned entries)
+int uring_open(struct uring **slot, unsigned entries)
 {
-    *out = NULL;
+    if (*slot)
+        return 0;
     struct uring *u = calloc(1, sizeof(*u));
     if (!u)
         return -ENOMEM;
@@ -78,7 +79,7 @@ int uring_open(struct uring **out, unsigned entries)
     u->cq_tail = (unsigned *)(cq + p.cq_off.tail);
     u->cq_mask = (unsigned *)(cq + p.cq_off.ring_mask);
     u->cqes = (struct io_uring_cqe *)(cq + p.cq_off.cqes);
-    *out = u;
+    *slot = u;
     return 0;
 fail:;
     int err = -errno;

@@ -20,8 +20,9 @@ struct uring {
     size_t sq_ring_sz, cq_ring_sz, sqes_sz;
 };
 
-/* a ring of ``entries`` submission slots in *out; 0 or -errno */
-int uring_open(struct uring **out, unsigned entries);
+/* a ring of ``entries`` submission slots in *slot, unless one is there
+ * already; 0 or -errno (*slot stays NULL) */
+int uring_open(struct uring **slot, unsigned entries);
 /* unmap and close (NULL is fine) */
 void uring_close(struct uring *u);
 /* queue one read/write of [buf, buf+len) at file offset off; the caller

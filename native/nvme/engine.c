@@ -71,14 +71,7 @@ static void uring_free(struct nvme_engine *e)
 
 int nvme_enable_uring(struct nvme_engine *e)
 {
-    if (e->uring)
-        return 0;
-    struct uring *u;
-    int r = uring_open(&u, NVME_RING_OPS);
-    if (r)
-        return r;
-    e->uring = u;
-    return 0;
+    return uring_open(&e->uring, NVME_RING_OPS);
 }
 
 #define now_ns hv_now_ns

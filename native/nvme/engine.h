@@ -19,6 +19,8 @@
 
 #include "guestmem.h"
 
+struct uring;
+
 /* control page layout: see engine.py */
 #define NVME_CTRL_PAGE_SIZE   8192
 #define NVME_STATE_BASE       4096
@@ -130,7 +132,7 @@ struct nvme_engine {
     size_t pool_runs, run_base;    /* e->runs is a pool for the batch */
     struct nvme_pending batch[NVME_BATCH];
     int nbatch;
-    void *uring;           /* io_uring for the batch, NULL: synchronous I/O */
+    struct uring *uring;   /* io_uring for the batch, NULL: synchronous I/O */
     int32_t *results;      /* [pool_runs] */
     uint64_t batches, batched_ios;
     uint8_t *bounce;                /* aligned, for O_DIRECT with unaligned buffers */

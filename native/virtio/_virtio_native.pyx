@@ -24,7 +24,7 @@ cdef extern from "blk_engine.h":
         uint64_t ok, ioerr, unsupp, chain_errors, bytes_read, bytes_written, interrupts
     struct vblk_run_stats:
         uint64_t passes, work_passes, requests, max_pass, poll_hits
-        uint64_t sleeps, kicks, timeouts, rearm_saves, contended, io_waits
+        uint64_t sleeps, kicks, timeouts, rearm_saves, contended, naps, io_waits
         uint64_t uring_ios, sync_ios, poll_ns, sleep_ns, io_wait_ns
         int64_t window_ns, window_min_ns, window_max_ns
     struct vblk_engine:
@@ -167,7 +167,7 @@ cdef class BlkEngine:
         return {"passes": r.passes, "work_passes": r.work_passes, "requests": r.requests,
                 "max_pass": r.max_pass, "poll_hits": r.poll_hits, "sleeps": r.sleeps,
                 "kicks": r.kicks, "timeouts": r.timeouts, "rearm_saves": r.rearm_saves,
-                "contended": r.contended, "io_waits": r.io_waits,
+                "contended": r.contended, "naps": r.naps, "io_waits": r.io_waits,
                 "uring_ios": r.uring_ios, "sync_ios": r.sync_ios,
                 "poll_us": r.poll_ns // 1000, "sleep_us": r.sleep_ns // 1000,
                 "io_wait_us": r.io_wait_ns // 1000, "window_us": r.window_ns / 1000,

@@ -12,6 +12,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <sys/prctl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -106,13 +107,7 @@ void vblk_free(struct vblk_engine *e)
 
 int vblk_enable_uring(struct vblk_engine *e)
 {
-    if (e->uring)
-        return 0;
-    struct uring *u;
-    int r = uring_open(&u, VBLK_RING_OPS);
-    if (!r)
-        e->uring = u;
-    return r;
+    return uring_open(&e->uring, VBLK_RING_OPS);
 }
 
 int vblk_add_region(struct vblk_engine *e, uint64_t gpa, uint64_t size, uint8_t *hva)
@@ -753,7 +748,8 @@ int vblk_run(struct vblk_engine *e, int64_t poll_ns)
         s->window_ns = s->window_min_ns = s->window_max_ns = poll_ns;
     }
     notifications_off(e);
-    int64_t last_work = hv_now_ns(), checked = last_work;
+    int64_t last_work = hv_now_ns(), checked = last_work - CONTENTION_CHECK_NS - 1;
+    prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);     /* naps of microseconds */
     unsigned spins = 0;
     int polling = 0;                /* looking at the ring since last_work, no notification */
     for (;;) {
@@ -789,12 +785,29 @@ int vblk_run(struct vblk_engine *e, int64_t poll_ns)
         }
         if (e->window && t - checked > CONTENTION_CHECK_NS) {
             checked = t;
-            if (!e->poll_always && hv_cpus_contended(e->loadavg_fd, e->ncpus)) {
+            int busy = !e->poll_always && hv_cpus_contended(e->loadavg_fd, e->ncpus);
+            if (busy && !e->napping)
                 s->contended++;
-                set_window(e, 0);
-            }
+            e->napping = busy;
         }
         if (t - last_work < e->window) {
+            if (e->napping) {
+                /* more runnable threads than CPUs: spinning would take the
+                 * core the vCPU needs, so look again after a timed sleep
+                 * instead (still no notification asked for: the request
+                 * the driver adds meanwhile costs it no exit) */
+                struct pollfd p[2] = {{e->kick_fd, POLLIN, 0}, {e->stop_fd, POLLIN, 0}};
+                int64_t left = e->window - (t - last_work);
+                struct timespec ts = {left / 1000000000, left % 1000000000};
+                s->naps++;
+                if (ppoll(p, 2, &ts, NULL) > 0) {
+                    if (p[1].revents)
+                        return leave(e, VBLK_STOP);
+                    if (p[0].revents & POLLIN)
+                        hv_drain_fd(e->kick_fd);
+                }
+                continue;
+            }
 #if defined(__x86_64__) || defined(__i386__)
             __builtin_ia32_pause();
 #endif
@@ -825,11 +838,8 @@ int vblk_run(struct vblk_engine *e, int64_t poll_ns)
             hv_drain_fd(e->kick_fd);
             s->kicks++;
             /* a notification that came within poll_ns of the last request
-             * would have been caught by a window that long: grow it,
-             * unless the CPUs are oversubscribed (then spinning takes the
-             * core the vCPU needs) */
-            if (woke - last_work <= poll_ns && poll_ns &&
-                (e->poll_always || !hv_cpus_contended(e->loadavg_fd, e->ncpus))) {
+             * would have been caught by a window that long: grow it */
+            if (woke - last_work <= poll_ns && poll_ns) {
                 int64_t w = e->window * 2 < POLL_MIN_NS ? POLL_MIN_NS : e->window * 2;
                 set_window(e, w < poll_ns ? w : poll_ns);
             } else if (woke - last_work > poll_ns) {

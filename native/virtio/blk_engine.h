@@ -26,6 +26,8 @@
 #include "fileio.h"
 #include "guestmem.h"
 
+struct uring;
+
 #define VBLK_MAX_REGIONS 32
 #define VBLK_MAX_INDIRECT 4096      /* queue.py MAX_INDIRECT */
 #define VBLK_SLOTS 256              /* requests in flight at once */
@@ -69,7 +71,9 @@ struct vblk_stats {
 struct vblk_run_stats {
     uint64_t passes, work_passes, requests, max_pass;
     uint64_t poll_hits;             /* work found while polling (no notification needed) */
-    uint64_t sleeps, kicks, timeouts, rearm_saves, contended;
+    uint64_t sleeps, kicks, timeouts, rearm_saves;
+    uint64_t contended;             /* times polling turned to naps (oversubscribed CPUs) */
+    uint64_t naps;                  /* timed sleeps instead of spins */
     uint64_t io_waits;              /* blocked on the ring with I/O in flight */
     uint64_t uring_ios, sync_ios;
     uint64_t poll_ns, sleep_ns, io_wait_ns;
@@ -93,7 +97,7 @@ struct vblk_engine {
     struct vblk_seg *rd, *wr;
     size_t seg_cap;
     /* I/O */
-    void *uring;
+    struct uring *uring;
     struct vblk_slot *slots;
     int free_slots[VBLK_SLOTS];
     int nfree;
@@ -101,6 +105,7 @@ struct vblk_engine {
     uint8_t *bounce, *zeros;
     int kick_fd, stop_fd, irq_fd;
     int loadavg_fd, poll_always;
+    int napping;                    /* the CPUs are oversubscribed: poll by timed sleeps */
     long ncpus;
     int64_t window;
     struct vblk_stats st;

@@ -11,10 +11,14 @@ writes through io_uring with many in flight, answers everything else
 synchronously, and never takes the GIL while it serves.
 
 Notifications: while it polls the avail ring (an adaptive window after
-the last request, none while the host has more runnable threads than
-CPUs) the driver is told not to notify (VRING_USED_F_NO_NOTIFY, or with
-EVENT_IDX an avail_event left behind); going to sleep it asks for the next
-one. Interrupts honour used_event / NO_INTERRUPT; the engine writes an
+the last request) the driver is told not to notify (VRING_USED_F_NO_NOTIFY,
+or with EVENT_IDX an avail_event left behind); going to sleep it asks for
+the next one. While the host has more runnable threads than CPUs the
+engine does not spin (the core it would take is often the vCPU's): it
+polls by timed sleeps through the same window, so the driver's next
+requests still cost it no exit. With I/O in flight and nothing new it
+blocks on the io_uring ring, notifications still off: what the driver adds
+meanwhile is taken at the next completion. Interrupts honour used_event / NO_INTERRUPT; the engine writes an
 eventfd that the device's worker turns into ``transport.signal_queue``, so
 MSI-X masking, the ISR and INTx stay the transport's business.
 
