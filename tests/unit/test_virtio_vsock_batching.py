@@ -7,8 +7,10 @@ from __future__ import annotations
 import socket
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from hvkit.devices.virtio import vsock as VS
+from hvkit.devices.virtio.driver import wait_for
 from hvkit.devices.virtio.vsock import VirtioVsock
 from hvkit.memory.guest import GuestMemory
 
@@ -126,3 +128,72 @@ def test_a_batched_read_stays_within_the_guests_credit(mem, uds):
         more += g.expect(VS.OP_RW)[-1]
     assert b"".join(got) + more == data[:20_000]
     dev.close()
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sizes=st.lists(st.one_of(st.integers(1, 60), st.integers(45, 6000)), min_size=1,
+                      max_size=24),
+       readable=st.lists(st.booleans(), min_size=1, max_size=24),
+       length=st.integers(1, 40_000))
+def test_any_mix_of_rx_buffers_carries_the_stream_whole(mem, tmp_path_factory, sizes,
+                                                        readable, length):
+    """Receive buffers of any size (some too small for a header, some with
+    a device-readable part in front) carry a stream whole and in order:
+    batched reads skip, give back or fail buffers, never reuse one."""
+    uds = str(tmp_path_factory.mktemp("vs") / "v.sock")
+    dev = VirtioVsock(mem, CID, uds)
+    try:
+        g, host = connect(dev, mem, uds, 86, rx_buffers=2)
+        data = bytes((i * 7) % 251 for i in range(length))
+        host.sendall(data)
+        posted = set(g.rx.inflight)           # the buffers connect() left with the device
+
+        usable = sizes + [VS.HDR.size + 1000]    # at least one buffer in the cycle holds data
+
+        def post(i: int) -> None:
+            size = usable[i % len(usable)]
+            head = g.rx.add([b"r" * 8] if readable[i % len(readable)] else [], [size])
+            posted.add(head)
+
+        for i in range(16):
+            post(i)
+        g.drv.kick(0)
+        got, n = b"", 16
+        while len(got) < length:
+            for head, used, written in g.rx.wait(1, timeout=5):
+                assert head in posted, head   # never a buffer twice
+                posted.discard(head)
+                if used:                      # 0: a buffer the device could not use
+                    fields = VS.HDR.unpack(written[:VS.HDR.size])
+                    if fields[6] == VS.OP_RW:
+                        assert fields[4] == used - VS.HDR.size
+                        got += written[VS.HDR.size:used]
+                post(n)
+                n += 1
+            g.drv.kick(0)
+        assert got == data
+        # every buffer not returned is still the device's to use: none was lost
+        wait_for(lambda: dev.queues[VS.RX].pending() == len(posted))
+    finally:
+        dev.close()
+
+
+def test_buffers_a_read_did_not_reach_stay_with_the_device(mem, uds):
+    """A read into 16 buffers that finds 2.5 buffers' worth of data gives the
+    other 13 back: later data still has every buffer the guest posted."""
+    dev = VirtioVsock(mem, CID, uds)
+    try:
+        g, host = connect(dev, mem, uds, 87, rx_buffers=1)    # one left posted
+        for _ in range(15):
+            g.rx.add([], [VS.HDR.size + 4096])
+        host.sendall(bytes(range(251)) * 40)            # 10,040 bytes
+        g.drv.kick(0)
+        got = g.rx.wait(3)
+        assert [n - VS.HDR.size for _, n, _ in got] == [4096, 4096, 1848]
+        wait_for(lambda: dev.queues[VS.RX].pending() == 13)
+        host.sendall(b"x" * 13 * 4096)                  # exactly what is left
+        more = g.rx.wait(13)
+        assert b"".join(d[VS.HDR.size:n] for _, n, d in more) == b"x" * 13 * 4096
+    finally:
+        dev.close()
