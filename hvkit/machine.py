@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from hvkit.arch.x86.profiles import HostProfile
     from hvkit.kvm.system import Kvm
     from hvkit.storage.backend import BlockBackend
+    from hvkit.snapshot.pages import PageProvider
 
 
 class MicroVM(Vmm):
@@ -83,19 +84,60 @@ class MicroVM(Vmm):
     def initrd(self) -> Any:
         return self.config.initrd
 
-    def snapshot(self, path: "str | os.PathLike") -> dict[str, float]:
+    def snapshot(self, path: "str | os.PathLike", *, diff: bool = False,
+                 track_dirty: bool = False) -> dict[str, float]:
         """Save this paused VM to directory ``path`` (see hvkit.snapshot);
-        returns how long its parts took, in seconds."""
+        returns how long its parts took, in seconds. ``diff=True`` saves
+        only the pages written since the last snapshot (taken, or restored
+        from, with ``track_dirty=True``)."""
         from hvkit.snapshot.vmstate import save
-        return save(self, path)
+        return save(self, path, diff=diff, track_dirty=track_dirty)
 
     @classmethod
     def restore(cls, path: "str | os.PathLike", *, memory: str = "cow",
-                console: IO[Any] | int | None = None, kvm: "Kvm | None" = None) -> "MicroVM":
-        """A VM made from a snapshot, ready to start(): ``memory`` is "cow"
-        (no copy; clones share the file), "eager" or "lazy" (userfaultfd)."""
+                console: IO[Any] | int | None = None, kvm: "Kvm | None" = None,
+                pages: "PageProvider | None" = None, prefetch: bool = True,
+                track_dirty: bool = False) -> "MicroVM":
+        """A VM made from a snapshot (a full one, or the last of a chain of
+        diffs), ready to start(): ``memory`` is "cow" (no copy; clones
+        share the file), "eager" or "lazy" (userfaultfd, from ``pages`` if
+        given; ``prefetch`` brings in first what the last lazy run touched).
+        ``track_dirty`` lets this VM's next snapshot be a diff on this one."""
         from hvkit.snapshot.vmstate import restore
-        return restore(path, memory=memory, console=console, kvm=kvm, cls=cls)
+        return restore(path, memory=memory, console=console, kvm=kvm, cls=cls, pages=pages,
+                       prefetch=prefetch, track_dirty=track_dirty)
+
+    def clone(self, n: int, *, memory: str = "cow", dir: "str | None" = None,
+              consoles: "list[IO[Any] | int | None] | None" = None) -> "list[MicroVM]":
+        """``n`` independent copies of this paused VM, each ready to start().
+
+        A snapshot goes to a temporary directory (in ``dir``, default the
+        system's), every clone is restored from it, and the directory is
+        removed: "cow" clones keep sharing the memory file's pages until
+        they write them."""
+        import shutil
+        import tempfile
+
+        from hvkit.errors import ConfigError
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ConfigError(f"clone count must be a positive integer, not {n!r}")
+        if consoles is not None and len(consoles) != n:
+            raise ConfigError(f"{len(consoles)} consoles for {n} clones")
+        where = tempfile.mkdtemp(prefix="hvkit-clone-", dir=dir)
+        clones: list[MicroVM] = []
+        try:
+            self.snapshot(where)
+            for i in range(n):
+                clones.append(type(self).restore(where, memory=memory, kvm=self.kvm,
+                                                 console=consoles[i] if consoles else None,
+                                                 prefetch=False))
+        except BaseException:
+            for vm in clones:
+                vm.close()
+            raise
+        finally:
+            shutil.rmtree(where, ignore_errors=True)
+        return clones
 
     def add_nvme(self, disks: "list[BlockBackend]", *, mode: str = "mmio",
                  poll_us: int = 200, slot: int | None = None, **controller_args: Any):

@@ -11,7 +11,7 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from hvkit.errors import ConfigError, GuestMemoryError
 
@@ -139,6 +139,8 @@ class GuestMemory:
     def __init__(self, regions: Iterable[MemoryRegion] = ()) -> None:
         self.regions: list[MemoryRegion] = []
         self._last: MemoryRegion | None = None
+        self._written: set[int] | None = None
+        self._before: "Callable[[int, int], None] | None" = None
         for region in regions:
             self.add_region(region)
 
@@ -223,14 +225,50 @@ class GuestMemory:
             self._last = out[0][0]
         return out
 
+    # -- host writes, for diff snapshots -------------------------------------
+    def track_writes(self) -> None:
+        """Remember the pages the host writes through this object from now
+        on (KVM's dirty log sees only the guest's own writes). A ``view()``
+        counts as a write: it may be written through."""
+        if self._written is None:
+            self._written = set()
+
+    def untrack_writes(self) -> None:
+        self._written = None
+
+    def take_written(self) -> set[int]:
+        """Guest page numbers (gpa // 4096) written since the last call."""
+        out = self._written or set()
+        if self._written is not None:
+            self._written = set()
+        return out
+
+    def set_access_hook(self, hook: "Callable[[int, int], None] | None") -> None:
+        """``hook(gpa, size)`` runs before every host access through this
+        object. A lazy restore's pager uses it to bring the pages in from the
+        calling thread: a host thread that touched a missing page while
+        holding the GIL would wait for a pager thread that needs it."""
+        self._before = hook
+
+    def _mark(self, gpa: int, size: int) -> None:
+        if size > 0:
+            self._written.update(range(gpa // PAGE_SIZE,  # type: ignore[union-attr]
+                                       (gpa + size - 1) // PAGE_SIZE + 1))
+
     def view(self, gpa: int, size: int) -> memoryview:
         """Zero-copy access to [gpa, gpa+size); must lie in one region."""
         region = self.region_of(gpa, size)
+        if self._before is not None:
+            self._before(gpa, size)
+        if self._written is not None:
+            self._mark(gpa, size)
         off = gpa - region.gpa
         return memoryview(region.mapping)[off:off + size]
 
     def read(self, gpa: int, size: int) -> bytes:
         spans = self._spans(gpa, size)
+        if self._before is not None:
+            self._before(gpa, size)
         if len(spans) == 1:
             region, off, n = spans[0]
             return region.mapping[off:off + n]
@@ -238,13 +276,23 @@ class GuestMemory:
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         data = memoryview(data).cast("B")
+        spans = self._spans(gpa, len(data))
+        if self._before is not None:
+            self._before(gpa, len(data))
+        if self._written is not None:
+            self._mark(gpa, len(data))
         pos = 0
-        for region, off, n in self._spans(gpa, len(data)):
+        for region, off, n in spans:
             region.mapping[off:off + n] = data[pos:pos + n]
             pos += n
 
     def fill(self, gpa: int, size: int, value: int = 0) -> None:
-        for region, off, n in self._spans(gpa, size):
+        spans = self._spans(gpa, size)
+        if self._before is not None:
+            self._before(gpa, size)
+        if self._written is not None:
+            self._mark(gpa, size)
+        for region, off, n in spans:
             region.mapping[off:off + n] = bytes([value]) * n
 
     def read_u8(self, gpa: int) -> int:

@@ -1,6 +1,9 @@
 """The snapshot format: a directory with a JSON header and a memory file.
 
-    <dir>/vm.json   {"format": "hvkit-snapshot", "version": 1, "hvkit": "0.1.0",
+    <dir>/vm.json   {"format": "hvkit-snapshot", "version": 2, "hvkit": "0.1.0",
+                     "id": str (unique per snapshot),
+                     "parent": null | {"path": str, "id": str} (a diff's base),
+                     "pages": null | [[[first_page, count], ...] per region],
                      "config": {...VmConfig...}, "cmdline": str | null,
                      "regions": [{"name", "gpa", "size", "offset"}],
                      "cpuid": [[function, index, flags, eax, ebx, ecx, edx], ...],
@@ -9,6 +12,15 @@
                      "devices": {name: state}, "attachments": {name: state}}
     <dir>/memory    guest RAM, region after region at page-aligned offsets;
                     pages that were all zero are holes (a sparse file)
+    <dir>/workingset.json   optional: the blocks a lazily restored run
+                    touched, in order (prefetched first by the next one)
+
+A full snapshot has no parent and holds every page. A diff snapshot holds
+only the pages listed in "pages" (written since its parent was taken; a
+listed page that reads as a hole is a zero page) and names its parent by
+path (relative to the diff's directory where it can be) and id; restoring
+it applies the chain from the full snapshot up. Version 1 (no id, parent
+or pages) is read as a full snapshot.
 
 Byte blobs (xsave, lapic, irqchip) are hex. A reader refuses a version it
 does not know, and a host whose CPUID lacks a feature the guest was shown.
@@ -22,7 +34,9 @@ from typing import Any
 from hvkit.errors import HvkitError
 
 FORMAT = "hvkit-snapshot"
-VERSION = 1
+VERSION = 2
+#: the versions this hvkit reads
+READS = (1, 2)
 HEADER = "vm.json"
 MEMORY = "memory"
 PAGE = 4096
@@ -52,9 +66,9 @@ def read_header(path: str) -> dict[str, Any]:
         raise SnapshotError(f"{p}: not a snapshot header: {exc}") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise SnapshotError(f"{p}: not an hvkit snapshot header")
-    if header.get("version") != VERSION:
+    if header.get("version") not in READS:
         raise SnapshotError(f"{p}: snapshot format version {header.get('version')!r}; "
-                            f"this hvkit reads version {VERSION}")
+                            f"this hvkit reads versions {', '.join(map(str, READS))}")
     for key in ("config", "regions", "cpuid", "vcpus", "vm"):
         if key not in header:
             raise SnapshotError(f"{p}: snapshot header lacks {key!r}")
@@ -63,3 +77,10 @@ def read_header(path: str) -> dict[str, Any]:
 
 def memory_path(path: str) -> str:
     return os.path.join(os.fspath(path), MEMORY)
+
+
+WORKING_SET = "workingset.json"
+
+
+def working_set_path(path: str) -> str:
+    return os.path.join(os.fspath(path), WORKING_SET)

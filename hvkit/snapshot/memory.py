@@ -20,31 +20,45 @@ from hvkit.memory.guest import GuestMemory, MemoryRegion
 from hvkit.snapshot.format import PAGE, SnapshotError
 
 if TYPE_CHECKING:
-    pass
+    from typing import Sequence
 
 CHUNK = 256 << 10
 _ZERO = bytes(CHUNK)
 MODES = ("eager", "cow", "lazy")
 
 
-def save_memory(memory: GuestMemory, path: str) -> list[dict[str, Any]]:
-    """Write every region to ``path`` (sparse); returns the region table."""
+def save_memory(memory: GuestMemory, path: str,
+                pages: "list[list[list[int]]] | None" = None) -> list[dict[str, Any]]:
+    """Write every region to ``path`` (sparse); returns the region table.
+    ``pages``: per region, the [first_page, count] runs to write (a diff);
+    None writes every page."""
     regions = []
     offset = 0
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        for r in memory:
+        for index, r in enumerate(memory):
             m = r.mapping
-            for i in range(0, r.size, CHUNK):
-                n = min(CHUNK, r.size - i)
-                data = m[i:i + n]
-                if data != _ZERO[:n]:
-                    os.pwrite(fd, data, offset + i)
+            spans = ([(0, r.size)] if pages is None else
+                     [(first * PAGE, count * PAGE) for first, count in pages[index]])
+            for start, length in spans:
+                for i in range(start, start + length, CHUNK):
+                    n = min(CHUNK, start + length - i)
+                    data = m[i:i + n]
+                    if data != _ZERO[:n]:
+                        os.pwrite(fd, data, offset + i)
             regions.append({"name": r.name, "gpa": r.gpa, "size": r.size, "offset": offset,
                             "backing": r.backing})
             offset += -(-r.size // PAGE) * PAGE
         os.ftruncate(fd, offset)
         os.fsync(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
     finally:
         os.close(fd)
     return regions
@@ -67,7 +81,11 @@ def check_regions(regions: Any, file_size: int) -> list[dict[str, Any]]:
     return out
 
 
-def restore_memory(path: str, regions: list[dict[str, Any]], mode: str) -> GuestMemory:
+def restore_memory(path: str, regions: list[dict[str, Any]], mode: str,
+                   diffs: "Sequence[tuple[str, list[list[list[int]]]]]" = ()) -> GuestMemory:
+    """Guest RAM from a full snapshot's memory file, with ``diffs`` (each a
+    memory file and its per-region page runs, oldest first) applied over
+    it. A lazy restore only maps the RAM: the pager fills it."""
     if mode not in MODES:
         raise SnapshotError(f"memory restore mode {mode!r} is not one of {', '.join(MODES)}")
     memory = GuestMemory()
@@ -80,6 +98,7 @@ def restore_memory(path: str, regions: list[dict[str, Any]], mode: str) -> Guest
             for r in regions:
                 memory.add_region(MemoryRegion(r["gpa"], r["size"], backing="anonymous",
                                                name=r["name"]))
+            return memory
         else:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -90,10 +109,31 @@ def restore_memory(path: str, regions: list[dict[str, Any]], mode: str) -> Guest
                     _fill(fd, region, r["offset"])
             finally:
                 os.close(fd)
+        for diff_path, pages in diffs:
+            _apply_diff(diff_path, memory, regions, pages)
     except BaseException:
         memory.close()
         raise
     return memory
+
+
+def _apply_diff(path: str, memory: GuestMemory, regions: list[dict[str, Any]],
+                pages: "list[list[list[int]]]") -> None:
+    """Copy a diff's pages over RAM (a hole in its file is a zero page)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for region, saved, runs in zip(memory, regions, pages):
+            mv = memoryview(region.mapping)
+            try:
+                for first, count in runs:
+                    a, n = first * PAGE, count * PAGE
+                    got = os.preadv(fd, [mv[a:a + n]], saved["offset"] + a)
+                    if got < n:
+                        raise SnapshotError(f"{path}: diff memory file ends early")
+            finally:
+                mv.release()
+    finally:
+        os.close(fd)
 
 
 def _fill(fd: int, region: MemoryRegion, offset: int) -> None:

@@ -3,9 +3,10 @@
 A userfaultfd covers each anonymous RAM region; when the guest (or KVM on
 its behalf) touches a missing page, the kernel parks the access and this
 pager's thread reads the block around it from the memory file and places
-it with UFFDIO_COPY (UFFDIO_ZEROPAGE where the file has a hole). Blocks
+it with UFFDIO_COPY (UFFDIO_ZEROPAGE where the block is all zero). Blocks
 are ``block`` bytes (64 KiB by default), so one fault brings a block's
-neighbours with it.
+neighbours with it. The pages come from a page provider
+(hvkit.snapshot.pages), so any source can serve them.
 """
 from __future__ import annotations
 
@@ -21,7 +22,10 @@ from typing import TYPE_CHECKING
 from hvkit.snapshot.format import PAGE, SnapshotError
 
 if TYPE_CHECKING:
+    from typing import Sequence
+
     from hvkit.memory.guest import GuestMemory
+    from hvkit.snapshot.pages import PageProvider
 
 SYS_USERFAULTFD = 323          # x86-64
 UFFD_API = 0xAA
@@ -40,6 +44,7 @@ UFFDIO_COPY = _iowr(0x03, 40)
 UFFDIO_ZEROPAGE = _iowr(0x04, 32)
 MSG = struct.Struct("<B3xI QQI4x")      # uffd_msg: event, ..., pagefault flags, address, ptid
 
+_ZERO = bytes(1 << 20)
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
@@ -55,48 +60,70 @@ class PagerStats:
     blocks_copied: int = 0
     blocks_zeroed: int = 0
     bytes_read: int = 0
+    prefetched: int = 0
 
 
 class LazyPager:
-    """Serves the missing pages of ``memory`` from ``path``."""
+    """Serves the missing pages of ``memory`` from a page provider.
 
-    def __init__(self, memory: "GuestMemory", path: str, regions: list[dict],
-                 block: int = 64 << 10) -> None:
-        if block % PAGE or block <= 0:
-            raise SnapshotError(f"lazy block {block} is not a multiple of {PAGE}")
+    ``prefetch``: (region number, offset) blocks to place first, in order,
+    from a thread of their own while the guest runs (the blocks the last
+    run touched: see ``touched``). Every block the guest faults on is
+    recorded in ``touched``, in the order of the faults."""
+
+    def __init__(self, memory: "GuestMemory", provider: "PageProvider",
+                 block: int = 64 << 10,
+                 prefetch: "Sequence[tuple[int, int]]" = ()) -> None:
+        if block % PAGE or not 0 < block <= len(_ZERO):
+            raise SnapshotError(f"lazy block {block} is not a multiple of {PAGE} "
+                                f"up to {len(_ZERO)}")
+        self.provider = provider
+        self.uffd = -1
+        self._thread: threading.Thread | None = None
+        self._prefetcher: threading.Thread | None = None
         fd = _libc.syscall(SYS_USERFAULTFD, os.O_CLOEXEC | os.O_NONBLOCK)
         if fd < 0:
             err = ctypes.get_errno()
+            provider.close()
             raise SnapshotError(f"lazy restore needs userfaultfd: {os.strerror(err)} "
                                 "(root, or vm.unprivileged_userfaultfd=1)")
         self.uffd = fd
         self.block = block
         self.stats = PagerStats()
-        self.file = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        self._buf = bytearray(block)
-        from hvkit import _native
-        self._buf_addr = _native.buffer_address(self._buf)
-        # (host start, host end, file offset, region size) per region
-        self.ranges: list[tuple[int, int, int, int]] = []
+        self.touched: list[tuple[int, int]] = []
+        self._closing = False
+        self._memory = memory
+        self._host_buf: "_Block | None" = None
+        self._host_lock = threading.Lock()
+        # (host start, host end, region size) per region, in table order
+        self.ranges: list[tuple[int, int, int]] = []
         try:
             api = bytearray(struct.pack("<QQQ", UFFD_API, 0, 0))
             _ioctl(fd, UFFDIO_API, api)
-            by_gpa = {r["gpa"]: r for r in regions}
             for region in memory:
-                saved = by_gpa[region.gpa]
                 reg = bytearray(struct.pack("<QQQQ", region.hva, region.size,
                                             UFFDIO_REGISTER_MODE_MISSING, 0))
                 _ioctl(fd, UFFDIO_REGISTER, reg)
-                self.ranges.append((region.hva, region.hva + region.size, saved["offset"],
-                                    region.size))
-        except (OSError, KeyError) as exc:
+                self.ranges.append((region.hva, region.hva + region.size, region.size))
+            # one byte per block: 1 once the block is in (never cleared)
+            self.placed = [bytearray(-(-size // block)) for _, _, size in self.ranges]
+            self.gpas = [region.gpa for region in memory]
+        except OSError as exc:
             self.close()
             raise SnapshotError(f"cannot set up lazy restore: {exc}") from None
+        memory.set_access_hook(self._host_access)
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self._thread = threading.Thread(target=self._serve, name="hvkit-uffd", daemon=True)
         self._thread.start()
+        blocks = [(r, o) for r, o in prefetch
+                  if 0 <= r < len(self.ranges) and 0 <= o < self.ranges[r][2] and o % block == 0]
+        if blocks:
+            self._prefetcher = threading.Thread(target=self._prefetch, args=(blocks,),
+                                                name="hvkit-uffd-prefetch", daemon=True)
+            self._prefetcher.start()
 
     def _serve(self) -> None:
+        buf = _Block(self.block)
         poller = select.poll()
         poller.register(self.uffd, select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
@@ -114,43 +141,82 @@ class LazyPager:
                     event, _, _, address, _ = MSG.unpack_from(raw, i)
                     if event == UFFD_EVENT_PAGEFAULT:
                         self.stats.faults += 1
-                        self._fill(address)
+                        self._fault(address, buf)
 
-    def _fill(self, address: int) -> None:
-        for start, end, offset, size in self.ranges:
+    def _fault(self, address: int, buf: "_Block") -> None:
+        for index, (start, end, _) in enumerate(self.ranges):
             if start <= address < end:
                 break
         else:
             return           # not ours: cannot happen for a registered range
         rel = (address - start) // self.block * self.block
+        self.touched.append((index, rel))
+        self._fill(index, rel, buf)
+
+    def _host_access(self, gpa: int, size: int) -> None:
+        """Bring in the blocks of a host access from the calling thread."""
+        for index, base in enumerate(self.gpas):
+            start, _, rsize = self.ranges[index]
+            lo, hi = max(gpa, base), min(gpa + size, base + rsize)
+            if lo >= hi:
+                continue
+            placed = self.placed[index]
+            for b in range((lo - base) // self.block, (hi - 1 - base) // self.block + 1):
+                if not placed[b]:
+                    with self._host_lock:
+                        if self._host_buf is None:
+                            self._host_buf = _Block(self.block)
+                        self._fill(index, b * self.block, self._host_buf)
+
+    def _prefetch(self, blocks: "list[tuple[int, int]]") -> None:
+        buf = _Block(self.block)
+        for index, rel in blocks:
+            if self._closing:
+                return
+            try:
+                if self._fill(index, rel, buf, skip_present=True):
+                    self.stats.prefetched += 1
+            except OSError:
+                return       # the VM is going away
+
+    def _fill(self, index: int, rel: int, buf: "_Block", skip_present: bool = False) -> bool:
+        if self.placed[index][rel // self.block]:
+            return False
+        start, _, size = self.ranges[index]
         n = min(self.block, size - rel)
-        got = os.preadv(self.file, [memoryview(self._buf)[:n]], offset + rel)
-        if got < n:
-            self._buf[got:n] = bytes(n - got)
-        self.stats.bytes_read += got
+        view = buf.view[:n]
+        self.provider.read(index, rel, view)
+        self.stats.bytes_read += n
         dst = start + rel
-        if not any(memoryview(self._buf)[:n]):
+        if buf.data[:n] == _ZERO[:n]:
             req = bytearray(struct.pack("<QQQq", dst, n, 0, 0))
-            self._place(UFFDIO_ZEROPAGE, req, dst, n)
+            placed = self._place(UFFDIO_ZEROPAGE, req, dst, n, buf.address, skip_present)
             self.stats.blocks_zeroed += 1
         else:
-            req = bytearray(struct.pack("<QQQQq", dst, self._buf_addr, n, 0, 0))
-            self._place(UFFDIO_COPY, req, dst, n)
+            req = bytearray(struct.pack("<QQQQq", dst, buf.address, n, 0, 0))
+            placed = self._place(UFFDIO_COPY, req, dst, n, buf.address, skip_present)
             self.stats.blocks_copied += 1
+        if not skip_present or placed:
+            self.placed[index][rel // self.block] = 1
+        return placed
 
-    def _place(self, request: int, req: bytearray, dst: int, n: int) -> None:
+    def _place(self, request: int, req: bytearray, dst: int, n: int, src: int,
+               skip_present: bool) -> bool:
         try:
             _ioctl(self.uffd, request, req)
+            return True
         except OSError as exc:
             if exc.errno != errno.EEXIST:
                 raise
-            # Part of the block is there already (another fault won): place
+            if skip_present:
+                return False
+            # Part of the block is there already (the prefetcher won): place
             # the missing pages one by one.
             for page in range(dst, dst + n, PAGE):
                 one = bytearray(req)
                 struct.pack_into("<Q", one, 0, page)
                 if request == UFFDIO_COPY:
-                    struct.pack_into("<QQ", one, 8, self._buf_addr + (page - dst), PAGE)
+                    struct.pack_into("<QQ", one, 8, src + (page - dst), PAGE)
                 else:
                     struct.pack_into("<Q", one, 8, PAGE)
                 try:
@@ -158,9 +224,15 @@ class LazyPager:
                 except OSError as e:
                     if e.errno != errno.EEXIST:
                         raise
+            return True
 
     def close(self) -> None:
-        if getattr(self, "_thread", None) is not None:
+        self._closing = True
+        self._memory.set_access_hook(None)
+        if self._prefetcher is not None:
+            self._prefetcher.join(5)
+            self._prefetcher = None
+        if self._thread is not None:
             os.write(self._stop_w, b"q")
             self._thread.join(5)
             self._thread = None
@@ -169,6 +241,16 @@ class LazyPager:
         if self.uffd >= 0:
             os.close(self.uffd)
             self.uffd = -1
-        if self.file >= 0:
-            os.close(self.file)
-            self.file = -1
+        if self.provider is not None:
+            self.provider.close()
+            self.provider = None  # type: ignore[assignment]
+
+
+class _Block:
+    """A block-sized buffer and its address, one per pager thread."""
+
+    def __init__(self, size: int) -> None:
+        from hvkit import _native
+        self.data = bytearray(size)
+        self.view = memoryview(self.data)
+        self.address = _native.buffer_address(self.data)

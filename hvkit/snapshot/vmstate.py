@@ -16,23 +16,41 @@ from hvkit.errors import HvkitError
 from hvkit.snapshot import cpu
 from hvkit.snapshot.format import SnapshotError, memory_path, read_header, write_header
 from hvkit.snapshot.memory import check_regions, restore_memory, save_memory
+from hvkit.snapshot.pages import runs_of
 from hvkit.vmm.attach import Attachment
 
 if TYPE_CHECKING:
     from hvkit.kvm.system import Kvm
+    from hvkit.snapshot.pages import PageProvider
     from hvkit.vmm.runtime import Vmm
 
 #: the devices the builder makes, saved by name
 LEGACY = ("serial", "i8042", "rtc", "hypercalls")
 
 
-def save(vmm: "Vmm", path: str | os.PathLike) -> dict[str, float]:
+def save(vmm: "Vmm", path: str | os.PathLike, *, diff: bool = False,
+         track_dirty: bool = False) -> dict[str, float]:
     """Write a snapshot of ``vmm`` (paused) into directory ``path``.
-    Returns how long each part took, in seconds."""
+
+    ``diff=True`` writes only the pages written since this VM's last
+    snapshot (or the snapshot it was restored from), which needs dirty
+    tracking since then: ``track_dirty=True`` on that snapshot or restore.
+    ``track_dirty=True`` keeps tracking after this snapshot, so the next
+    one can be a diff on it. Returns how long each part took, in seconds."""
+    import uuid
+
     from hvkit import __version__
+    from hvkit.snapshot.tracking import DirtyTracker, tracker_of
     path = os.fspath(path)
     if vmm.state != "paused":
         raise SnapshotError(f"a snapshot is taken of a paused VM; this one is {vmm.state}")
+    tracker = tracker_of(vmm)
+    if diff and (tracker is None or tracker.parent is None):
+        raise SnapshotError("a diff snapshot needs dirty-page tracking since the VM's last "
+                            "snapshot: take that one (or restore) with track_dirty=True")
+    if diff and not os.path.isdir(tracker.parent["path"]):   # type: ignore[union-attr]
+        raise SnapshotError(f"the diff's parent snapshot {tracker.parent['path']} "  # type: ignore
+                            "is gone")
     if vmm.pci is not None and len(vmm.pci.irqs):
         raise SnapshotError("this VM has PCI devices; their snapshots (NVMe, virtio-pci) "
                             "are not supported yet")
@@ -48,7 +66,7 @@ def save(vmm: "Vmm", path: str | os.PathLike) -> dict[str, float]:
             devices[name] = getter()
     attachments = {}
     for att in vmm.attachments:
-        if att is vmm.hypercalls:
+        if att is vmm.hypercalls or att.transient:
             continue
         try:
             attachments[att.name] = att.state()
@@ -68,16 +86,41 @@ def save(vmm: "Vmm", path: str | os.PathLike) -> dict[str, float]:
         os.makedirs(path, exist_ok=True)
     except OSError as exc:
         raise SnapshotError(f"{path}: cannot make the snapshot directory: {exc.strerror}") from None
-    regions = save_memory(vmm.memory, memory_path(path))
+    written = tracker.collect() if tracker is not None else None
+    parent = None
+    pages = None
+    if diff:
+        assert tracker is not None and tracker.parent is not None and written is not None
+        pages = [runs_of(p) for p in written]
+        regions = save_memory(vmm.memory, memory_path(path), pages=pages)
+        parent = {"path": _relative(tracker.parent["path"], path), "id": tracker.parent["id"]}
+    else:
+        regions = save_memory(vmm.memory, memory_path(path))
     times["memory_s"] = time.perf_counter() - t
     config = _config_dict(vmm.config)
+    snap_id = uuid.uuid4().hex
     write_header(path, {
-        "hvkit": __version__, "created": time.time(), "config": config,
+        "hvkit": __version__, "created": time.time(), "id": snap_id, "parent": parent,
+        "pages": pages, "config": config,
         "cmdline": vmm.cmdline, "regions": regions,
         "cpuid": cpu.cpuid_to_json(first.get_cpuid2()), "tsc_khz": first.get_tsc_khz(),
         "vcpus": vcpus, "vm": vm_state, "devices": devices, "attachments": attachments,
     })
+    if track_dirty and tracker is None:
+        tracker = DirtyTracker()
+        vmm.attach(tracker)
+    if tracker is not None:
+        tracker.parent = {"path": os.path.abspath(path), "id": snap_id}
     return times
+
+
+def _relative(target: str, start: str) -> str:
+    """``target`` as a path relative to directory ``start`` (so a chain of
+    snapshot directories can move together), absolute if it cannot be."""
+    try:
+        return os.path.relpath(os.path.abspath(target), os.path.abspath(start))
+    except ValueError:
+        return os.path.abspath(target)
 
 
 def _clock(kvm_vm: Any) -> int | None:
@@ -103,39 +146,131 @@ def _config_dict(config: Any) -> dict[str, Any]:
 
 
 class _Pager(Attachment):
-    """Keeps a lazy restore's pager alive exactly as long as the VM."""
+    """Keeps a lazy restore's pager alive exactly as long as the VM, and
+    leaves the blocks this run touched for the next lazy restore."""
 
     name = "snapshot-pager"
+    transient = True
 
-    def __init__(self, pager: Any) -> None:
+    def __init__(self, pager: Any, record: str | None) -> None:
         self.pager = pager
+        self.record = record
 
     def close(self) -> None:
+        touched = list(dict.fromkeys(self.pager.touched))
         self.pager.close()
+        if self.record and touched:
+            save_working_set(self.record, self.pager.block, touched)
+
+
+MAX_CHAIN = 64
+
+
+def snapshot_chain(path: str) -> list[tuple[str, dict[str, Any]]]:
+    """The full snapshot and the diffs up to ``path``, oldest first, each as
+    (directory, header); parents are checked by id."""
+    chain = [(path, read_header(path))]
+    while chain[-1][1].get("parent"):
+        where, header = chain[-1]
+        parent = header["parent"]
+        try:
+            ppath = os.path.normpath(os.path.join(where, str(parent["path"])))
+            pid = str(parent["id"])
+        except (TypeError, KeyError) as exc:
+            raise SnapshotError(f"{where}: the diff's parent entry is damaged: {exc}") from None
+        if len(chain) >= MAX_CHAIN:
+            raise SnapshotError(f"{path}: a chain of more than {MAX_CHAIN} diff snapshots")
+        try:
+            pheader = read_header(ppath)
+        except SnapshotError as exc:
+            raise SnapshotError(f"{where}: its parent snapshot cannot be read: {exc}") from None
+        if pheader.get("id") != pid:
+            raise SnapshotError(f"{where}: its parent {ppath} is another snapshot "
+                                f"(id {pheader.get('id')}, expected {pid})")
+        chain.append((ppath, pheader))
+    chain.reverse()
+    return chain
+
+
+def save_working_set(path: str, block: int, blocks: list[tuple[int, int]]) -> None:
+    """The blocks a lazy run touched, for the next lazy restore to prefetch
+    (best effort: a snapshot directory the user cannot write keeps none)."""
+    import json
+
+    from hvkit.files import atomic_write
+    from hvkit.snapshot.format import working_set_path
+    try:
+        with atomic_write(working_set_path(path), "working set", error=SnapshotError) as f:
+            f.write(json.dumps({"block": block, "blocks": blocks}).encode())
+    except (SnapshotError, OSError):
+        pass
+
+
+def load_working_set(path: str, block: int) -> list[tuple[int, int]]:
+    import json
+
+    from hvkit.snapshot.format import working_set_path
+    try:
+        with open(working_set_path(path), "rb") as f:
+            data = json.loads(f.read(16 << 20))
+        if data.get("block") != block:
+            return []
+        return [(int(r), int(o)) for r, o in data["blocks"]]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return []           # no working set, or not one this pager can use
 
 
 def restore(path: str | os.PathLike, *, memory: str = "cow",
             console: IO[Any] | int | None = None, kvm: "Kvm | None" = None,
-            cls: "type[Vmm] | None" = None) -> "Vmm":
-    """A new, paused-state VM from a snapshot, ready to ``start()``.
+            cls: "type[Vmm] | None" = None, pages: "PageProvider | None" = None,
+            prefetch: bool = True, track_dirty: bool = False) -> "Vmm":
+    """A new, paused-state VM from a snapshot (full or diff), ready to
+    ``start()``.
 
     ``memory``: "cow" (default: the memory file mapped private, nothing
     copied), "eager" (copied into fresh RAM) or "lazy" (pages brought in on
-    first touch through userfaultfd). Attachments other than the built-in
+    first touch through userfaultfd, from ``pages`` if given, else from the
+    snapshot's files; with ``prefetch`` the blocks the last lazy run touched
+    come in first, and this run's are recorded for the next).
+    ``track_dirty``: track written pages from here, so this VM's next
+    snapshot can be a diff on this one. Attachments other than the built-in
     devices are not re-created: attach new ones and give them their saved
     state from ``vm.saved_attachments`` (see ``restore_attachment``).
     ``cls`` is the Vmm subclass to make (``MicroVM.restore`` passes MicroVM)."""
+    from hvkit.snapshot.pages import ChainProvider, DiffLayer, FileProvider, check_runs
     from hvkit.vmm.builder import build, default_kvm
     from hvkit.vmm.runtime import Vmm
     from hvkit.vmm.config import EntryState, VmConfig
     path = os.fspath(path)
-    header = read_header(path)
-    mem_file = memory_path(path)
-    try:
-        size = os.stat(mem_file).st_size
-    except OSError as exc:
-        raise SnapshotError(f"{mem_file}: cannot read the memory file: {exc.strerror}") from None
-    regions = check_regions(header["regions"], size)
+    if pages is not None and memory != "lazy":
+        raise SnapshotError("a page provider serves a lazy restore: use memory='lazy'")
+    chain = snapshot_chain(path)
+    header = chain[-1][1]
+    if track_dirty and not header.get("id"):
+        raise SnapshotError(f"{path}: a version-1 snapshot has no id, so no diff can "
+                            "name it as its parent")
+    files: list[str] = []
+    tables = []
+    for where, h in chain:
+        mem_file = memory_path(where)
+        try:
+            size = os.stat(mem_file).st_size
+        except OSError as exc:
+            raise SnapshotError(f"{mem_file}: cannot read the memory file: "
+                                f"{exc.strerror}") from None
+        files.append(mem_file)
+        tables.append(check_regions(h["regions"], size))
+    regions = tables[0]
+    if any([(r["gpa"], r["size"]) for r in t] != [(r["gpa"], r["size"]) for r in regions]
+           for t in tables):
+        raise SnapshotError(f"{path}: the diff snapshots' RAM layout differs from their base's")
+    diffs = []
+    for (where, h), mem_file, table in zip(chain[1:], files[1:], tables[1:]):
+        runs = h.get("pages")
+        if not isinstance(runs, list) or len(runs) != len(table):
+            raise SnapshotError(f"{where}: a diff snapshot without a page list per region")
+        diffs.append((mem_file, table, [check_runs(rr, r["size"] // 4096, where)
+                                        for rr, r in zip(runs, table)]))
     saved_cfg = dict(header["config"])
     vcpus = header["vcpus"]
     if not isinstance(vcpus, list) or len(vcpus) != saved_cfg.get("vcpus"):
@@ -148,12 +283,18 @@ def restore(path: str | os.PathLike, *, memory: str = "cow",
     kvm = kvm or default_kvm()
     saved_cpuid = cpu.cpuid_from_json(header["cpuid"])
     t = time.perf_counter()
-    guest_memory = restore_memory(mem_file, regions, memory)
+    guest_memory = restore_memory(files[0], regions, memory,
+                                  [(f, runs) for f, _, runs in diffs])
     pager = None
     if memory == "lazy":
         from hvkit.snapshot.uffd import LazyPager
         try:
-            pager = LazyPager(guest_memory, mem_file, regions)
+            if pages is None:
+                pages = ChainProvider(FileProvider(files[0], regions),
+                                      [DiffLayer(f, table, runs) for f, table, runs in diffs])
+            block = 64 << 10
+            pager = LazyPager(guest_memory, pages, block=block,
+                              prefetch=load_working_set(path, block) if prefetch else ())
         except BaseException:
             guest_memory.close()
             raise
@@ -185,7 +326,10 @@ def restore(path: str | os.PathLike, *, memory: str = "cow",
     Vmm.__init__(vm, config, kvm)
     build(config, console=console, into=vm, guest_memory=guest_memory, restore=load_state)
     if pager is not None:
-        vm.attach(_Pager(pager))
+        vm.attach(_Pager(pager, path if prefetch else None))
+    if track_dirty:
+        from hvkit.snapshot.tracking import DirtyTracker
+        vm.attach(DirtyTracker({"path": os.path.abspath(path), "id": str(header.get("id"))}))
     vm.timings["restore_memory"] = t_mem
     vm.saved_attachments = dict(header.get("attachments", {}))
     vm.snapshot_header = {k: header[k] for k in ("hvkit", "created", "tsc_khz") if k in header}

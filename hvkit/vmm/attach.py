@@ -24,6 +24,9 @@ class Attachment:
 
     #: a short name for messages and snapshots; unique per VM
     name: str = "attachment"
+    #: True for what belongs to this process only (a lazy restore's pager,
+    #: a dirty-page tracker): a snapshot leaves it out
+    transient: bool = False
 
     def on_attach(self, vmm: "Vmm") -> None:
         """Take resources from the VM (called once, by ``Vmm.attach``)."""
