@@ -390,3 +390,30 @@ def test_hostile_rings_against_the_running_engine(tmp_path, g, event_idx, indire
         dev.close()
         be.close()
         mem.close()
+
+
+def test_engine_that_cannot_start_leaves_the_queue_to_python(tmp_path):
+    """The engine opens the disk's file again; if that fails (here the file
+    was unlinked after the backend opened it) the Python engine serves."""
+    mem = GuestMemory.create(1 << 20)
+    path = str(tmp_path / "gone.img")
+    be = make_disk(path, bytes(DISK))
+    os.unlink(path)
+    dev = VirtioBlk(mem, be, engine="native")
+    drv = MmioDriver(VirtioMmioTransport(dev), mem)
+    try:
+        drv.setup()
+        assert not dev.native.running
+        q = drv.queues[0]
+        data = os.urandom(4096)
+        request(q, 1, 8, data)
+        drv.kick(0)
+        assert q.wait(1)[0][2] == bytes([S_OK])
+        request(q, 0, 8, in_len=4096)
+        drv.kick(0)
+        assert q.wait(1)[0][2] == data + bytes([S_OK])
+        assert not dev.status & V.STATUS_DEVICE_NEEDS_RESET
+    finally:
+        dev.close()
+        be.close()
+        mem.close()

@@ -166,7 +166,13 @@ class VirtioBlk(VirtioDevice):
         if native is None or native.running or not self.active or not q.ready or q.broken:
             return
         self.worker.unregister(self.notify_fd(0))
-        native.start(q, self.notify_fd(0))
+        try:
+            native.start(q, self.notify_fd(0))
+        except (OSError, ValueError) as exc:
+            # the disk cannot be opened again as the engine needs, or the
+            # rings are not where it can map them: the Python engine serves
+            log.warning("virtio-blk: native engine unavailable (%s); Python engine", exc)
+            self.worker.register(self.notify_fd(0), selectors.EVENT_READ, self._notified)
 
     def _stop_native(self, worker_takes_over: bool = True) -> None:
         """Take queue 0 back (lock held): what is in flight is answered and
