@@ -70,7 +70,7 @@ bench() {   # bench NAME ARGS...: a benchmark at its smoke-test size
 skip() { seen[$1]=1; echo "hvkit: skip  benchmarks/$1 ($2)" >&2; }
 bench exits.py --quick
 bench dedup.py --quick
-bench snapshot.py --quick --memory 64M
+bench snapshot.py --quick --memory 64M --snapshot-sizes 64M
 bench startup.py --runs 3 --seconds 0.5
 bench time.py --reps 1 --ms 300 --rate-ms 200
 bench storage.py --arrays 2 --image-mib 8 --repeat 1 --dir "$WORK"

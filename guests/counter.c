@@ -8,11 +8,11 @@
  * memory came back). A byte on the serial line sets the step ('1'..'9');
  * 'q' ends the guest with the count (mod 256) as the exit code.
  *
- * args: pages=N (1..1024, default 16), every=N (default 1000000)
+ * args: pages=N (1..4096, default 16), every=N (default 1000000)
  */
 #include "runtime/hvkit.h"
 
-#define MAX_PAGES 1024
+#define MAX_PAGES 4096
 #define COM1 0x3F8
 
 static u64 area[MAX_PAGES][512] __attribute__((aligned(4096)));
