@@ -142,9 +142,6 @@ int vblk_set_queue(struct vblk_engine *e, uint32_t size, uint64_t desc, uint64_t
         e->seg_cap = cap;
     }
     e->size = size;
-    e->desc_gpa = desc;
-    e->avail_gpa = avail;
-    e->used_gpa = used;
     e->last_avail = last_avail;
     e->used_idx = used_idx;
     e->signalled = signalled;

@@ -89,7 +89,6 @@ struct vblk_engine {
     /* the queue (queue.py names) */
     int ready, broken, event_idx, indirect;
     uint32_t size;
-    uint64_t desc_gpa, avail_gpa, used_gpa;
     uint8_t *desc, *avail, *used;
     uint16_t last_avail, used_idx, signalled;
     int notify_off;                 /* we asked the driver not to notify (polling) */
