@@ -97,15 +97,19 @@ class MicroVM(Vmm):
     def restore(cls, path: "str | os.PathLike", *, memory: str = "cow",
                 console: IO[Any] | int | None = None, kvm: "Kvm | None" = None,
                 pages: "PageProvider | None" = None, prefetch: bool = True,
-                track_dirty: bool = False) -> "MicroVM":
+                track_dirty: bool = False,
+                devices: "dict[str, dict[str, Any]] | None" = None) -> "MicroVM":
         """A VM made from a snapshot (a full one, or the last of a chain of
         diffs), ready to start(): ``memory`` is "cow" (no copy; clones
         share the file), "eager" or "lazy" (userfaultfd, from ``pages`` if
         given; ``prefetch`` brings in first what the last lazy run touched).
-        ``track_dirty`` lets this VM's next snapshot be a diff on this one."""
+        ``track_dirty`` lets this VM's next snapshot be a diff on this one.
+        Its virtio devices come back on their disks, sockets and taps;
+        ``devices`` changes what they are made with, by name (``{"virtio-blk0":
+        {"backend": "copy.img"}, "virtio-vsock0": {"uds_path": ...}}``)."""
         from hvkit.snapshot.vmstate import restore
         return restore(path, memory=memory, console=console, kvm=kvm, cls=cls, pages=pages,
-                       prefetch=prefetch, track_dirty=track_dirty)
+                       prefetch=prefetch, track_dirty=track_dirty, devices=devices)
 
     def clone(self, n: int, *, memory: str = "cow", dir: "str | None" = None,
               consoles: "list[IO[Any] | int | None] | None" = None) -> "list[MicroVM]":
@@ -151,15 +155,43 @@ class MicroVM(Vmm):
         return att.ctrl
 
     # -- virtio ----------------------------------------------------------------
-    def _add_virtio(self, device: Any, transport: str, slot: int | None) -> Any:
+    def _add_virtio(self, device: Any, transport: str, slot: int | None,
+                    args: dict[str, Any]) -> Any:
         from hvkit.platform.virtio import VirtioAttachment
         try:
             att = VirtioAttachment(device, transport, slot)
         except BaseException:
             device.close()
             raise
+        # A stable name (the kind and its count) and how it was made: what
+        # a snapshot keeps so that a restore makes it again.
+        kind = f"virtio-{device.name}"
+        att.name = f"{kind}{sum(a.name.startswith(kind) for a in self.attachments)}"
         self.attach(att)                  # on failure the attachment closes the device
+        placed = att.devfn >> 3 if transport == "pci" else att.mmio_index
+        att.spec = {"add": f"virtio_{device.name}",
+                    "args": {**args, "transport": transport, "slot": placed}}
         return device
+
+    def recreate_attachment(self, name: str, spec: dict[str, Any],
+                            change: dict[str, Any]) -> Any:
+        """Make a saved device again from its snapshot ``spec`` with
+        ``change`` applied (MicroVM.restore's ``devices``); returns the
+        attachment, which then takes its saved state."""
+        add = spec.get("add") if isinstance(spec, dict) else None
+        if add not in ("virtio_blk", "virtio_rng", "virtio_console", "virtio_vsock",
+                       "virtio_net"):
+            raise ConfigError(f"{name}: this hvkit cannot make a {add!r} device")
+        args = {**spec.get("args", {}), **change}
+        if add == "virtio_blk" and args.get("backend") is None:
+            raise ConfigError(f"{name} was made on a BlockBackend object, not a path: give "
+                              f"MicroVM.restore(..., devices={{{name!r}: {{'backend': ...}}}})")
+        getattr(self, f"add_{add}")(**args)
+        att = self.attachments[-1]
+        if att.name != name:
+            raise ConfigError(f"{name} came back as {att.name}: the saved devices are "
+                              "out of order")
+        return att
 
     def add_virtio_blk(self, backend: "BlockBackend | str | os.PathLike", *,
                        transport: str = "pci", read_only: bool | None = None,
@@ -170,10 +202,11 @@ class MicroVM(Vmm):
         from hvkit.devices.virtio.blk import VirtioBlk, default_serial
         from hvkit.storage.backend import BlockBackend
         owned = None
+        path_arg = None
         if not isinstance(backend, BlockBackend):
             if not isinstance(backend, (str, os.PathLike)):
                 raise ConfigError(f"virtio-blk: {backend!r} is neither a BlockBackend nor a path")
-            path = os.fspath(backend)
+            path = path_arg = os.fspath(backend)
             if not os.path.isfile(path):
                 raise ConfigError(f"virtio-blk: disk image {path!r} does not exist "
                                   f"or is not a file")
@@ -190,12 +223,14 @@ class MicroVM(Vmm):
             if owned is not None:
                 owned.close()
             raise
-        return self._add_virtio(device, transport, slot)
+        return self._add_virtio(device, transport, slot,
+                                {"backend": path_arg and os.path.abspath(path_arg),
+                                 "read_only": read_only, "serial": serial})
 
     def add_virtio_rng(self, *, transport: str = "pci", slot: int | None = None):
         """Add a virtio-rng fed by the host's getrandom(2). Returns the VirtioRng."""
         from hvkit.devices.virtio.rng import VirtioRng
-        return self._add_virtio(VirtioRng(self.memory), transport, slot)
+        return self._add_virtio(VirtioRng(self.memory), transport, slot, {})
 
     def add_virtio_console(self, *, transport: str = "pci", slot: int | None = None,
                            sink: Any = None, feed_fd: int | None = None):
@@ -204,7 +239,7 @@ class MicroVM(Vmm):
         into it. Returns the VirtioConsole."""
         from hvkit.devices.virtio.console import VirtioConsole
         return self._add_virtio(VirtioConsole(self.memory, sink=sink, feed_fd=feed_fd),
-                                transport, slot)
+                                transport, slot, {})
 
     def add_virtio_vsock(self, guest_cid: int, uds_path: "str | os.PathLike", *,
                          transport: str = "pci", slot: int | None = None):
@@ -212,7 +247,9 @@ class MicroVM(Vmm):
         connections to port P reach ``<uds_path>_P``; host processes connect
         to ``uds_path`` and write ``CONNECT P\\n``. Returns the VirtioVsock."""
         from hvkit.devices.virtio.vsock import VirtioVsock
-        return self._add_virtio(VirtioVsock(self.memory, guest_cid, uds_path), transport, slot)
+        return self._add_virtio(VirtioVsock(self.memory, guest_cid, uds_path), transport, slot,
+                                {"guest_cid": guest_cid,
+                                 "uds_path": os.path.abspath(os.fspath(uds_path))})
 
     def add_virtio_net(self, tap: Any = None, *, transport: str = "pci",
                        slot: int | None = None, mac: str | None = None,
@@ -224,6 +261,7 @@ class MicroVM(Vmm):
         when the VM closes. Returns the VirtioNet (its ``backend`` is the tap)."""
         from hvkit.devices.virtio.net import VirtioNet
         from hvkit.net.tap import Tap
+        named = tap if isinstance(tap, str) else None
         if tap is None or isinstance(tap, str):
             tap = Tap.create(tap, mtu=mtu, bridge=bridge, netns=netns)
             close_backend = True
@@ -238,7 +276,9 @@ class MicroVM(Vmm):
             if close_backend:
                 tap.close()
             raise
-        return self._add_virtio(device, transport, slot)
+        return self._add_virtio(device, transport, slot,
+                                {"tap": named, "mac": device.mac.hex(":"), "mtu": mtu,
+                                 "bridge": bridge, "netns": netns, "offloads": offloads})
 
 
 def run_guest(guest: str, *, timeout: float | None = 30, **kwargs: Any) -> tuple[int | None, bytes]:

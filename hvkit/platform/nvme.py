@@ -126,6 +126,10 @@ class NvmeAttachment(Attachment):
                     continue
                 self.ctrl.service_irq(fds[fd])
 
+    def state(self) -> dict:
+        raise NotImplementedError("an NVMe controller's registers and queues are not "
+                                  "saved in snapshots yet")
+
     def close(self) -> None:
         if self.ctrl is None or self._closed:
             return

@@ -51,9 +51,6 @@ def save(vmm: "Vmm", path: str | os.PathLike, *, diff: bool = False,
     if diff and not os.path.isdir(tracker.parent["path"]):   # type: ignore[union-attr]
         raise SnapshotError(f"the diff's parent snapshot {tracker.parent['path']} "  # type: ignore
                             "is gone")
-    if vmm.pci is not None and len(vmm.pci.irqs):
-        raise SnapshotError("this VM has PCI devices; their snapshots (NVMe, virtio-pci) "
-                            "are not supported yet")
     times: dict[str, float] = {}
     t = time.perf_counter()
     devices = {}
@@ -65,6 +62,7 @@ def save(vmm: "Vmm", path: str | os.PathLike, *, diff: bool = False,
                 raise SnapshotError(f"the {name} device cannot save its state")
             devices[name] = getter()
     attachments = {}
+    specs = []
     for att in vmm.attachments:
         if att is vmm.hypercalls or att.transient:
             continue
@@ -72,6 +70,9 @@ def save(vmm: "Vmm", path: str | os.PathLike, *, diff: bool = False,
             attachments[att.name] = att.state()
         except NotImplementedError as exc:
             raise SnapshotError(f"attachment {att.name!r} cannot be saved: {exc}") from None
+        spec = getattr(att, "spec", None)
+        if spec is not None:
+            specs.append([att.name, spec])
     first = vmm.vcpus[0]
     msrs = cpu.readable_msrs(vmm.kvm, first)
     vcpus = [cpu.save_vcpu(v, msrs) for v in vmm.vcpus]
@@ -105,6 +106,7 @@ def save(vmm: "Vmm", path: str | os.PathLike, *, diff: bool = False,
         "cmdline": vmm.cmdline, "regions": regions,
         "cpuid": cpu.cpuid_to_json(first.get_cpuid2()), "tsc_khz": first.get_tsc_khz(),
         "vcpus": vcpus, "vm": vm_state, "devices": devices, "attachments": attachments,
+        "attachment_specs": specs,
     })
     if track_dirty and tracker is None:
         tracker = DirtyTracker()
@@ -223,7 +225,8 @@ def load_working_set(path: str, block: int) -> list[tuple[int, int]]:
 def restore(path: str | os.PathLike, *, memory: str = "cow",
             console: IO[Any] | int | None = None, kvm: "Kvm | None" = None,
             cls: "type[Vmm] | None" = None, pages: "PageProvider | None" = None,
-            prefetch: bool = True, track_dirty: bool = False) -> "Vmm":
+            prefetch: bool = True, track_dirty: bool = False,
+            devices: "dict[str, dict[str, Any]] | None" = None) -> "Vmm":
     """A new, paused-state VM from a snapshot (full or diff), ready to
     ``start()``.
 
@@ -233,9 +236,13 @@ def restore(path: str | os.PathLike, *, memory: str = "cow",
     snapshot's files; with ``prefetch`` the blocks the last lazy run touched
     come in first, and this run's are recorded for the next).
     ``track_dirty``: track written pages from here, so this VM's next
-    snapshot can be a diff on this one. Attachments other than the built-in
-    devices are not re-created: attach new ones and give them their saved
-    state from ``vm.saved_attachments`` (see ``restore_attachment``).
+    snapshot can be a diff on this one. Devices that the VM class knows how
+    to make again (MicroVM's ``add_virtio_*``: the snapshot keeps how they
+    were made) come back connected to their host resources; ``devices``
+    changes what they are made with, by attachment name (e.g.
+    ``{"virtio-blk0": {"backend": "copy.img"}}``). Other attachments are
+    not re-created: attach new ones and give them their saved state from
+    ``vm.saved_attachments`` (see ``restore_attachment``).
     ``cls`` is the Vmm subclass to make (``MicroVM.restore`` passes MicroVM)."""
     from hvkit.snapshot.pages import ChainProvider, DiffLayer, FileProvider, check_runs
     from hvkit.vmm.builder import build, default_kvm
@@ -327,6 +334,11 @@ def restore(path: str | os.PathLike, *, memory: str = "cow",
     build(config, console=console, into=vm, guest_memory=guest_memory, restore=load_state)
     if pager is not None:
         vm.attach(_Pager(pager, path if prefetch else None))
+    try:
+        _recreate_attachments(vm, path, header, devices or {})
+    except BaseException:
+        vm.close()
+        raise
     if track_dirty:
         from hvkit.snapshot.tracking import DirtyTracker
         vm.attach(DirtyTracker({"path": os.path.abspath(path), "id": str(header.get("id"))}))
@@ -335,6 +347,33 @@ def restore(path: str | os.PathLike, *, memory: str = "cow",
     vm.snapshot_header = {k: header[k] for k in ("hvkit", "created", "tsc_khz") if k in header}
     _check_hypercalls_before_start(vm, header.get("devices", {}).get("hypercalls"))
     return vm
+
+
+def _recreate_attachments(vm: "Vmm", path: str, header: dict[str, Any],
+                          overrides: dict[str, dict[str, Any]]) -> None:
+    """Make the saved devices again (same placement, host resources
+    reopened, ``overrides`` applied) and give each its saved state."""
+    specs = header.get("attachment_specs") or []
+    saved = header.get("attachments", {})
+    names = {str(name) for name, _ in specs}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise SnapshotError(f"{path}: no saved device named {', '.join(unknown)} to change "
+                            f"(saved devices: {', '.join(sorted(names)) or 'none'})")
+    recreate = getattr(vm, "recreate_attachment", None)
+    if specs and recreate is None:
+        return               # a bare Vmm: the caller re-attaches (restore_attachment)
+    for name, spec in specs:
+        change = overrides.get(name, {})
+        if not isinstance(change, dict):
+            raise SnapshotError(f"the changes for {name} must be a dict, not {change!r}")
+        try:
+            att = recreate(str(name), spec, change)
+            att.restore(saved.get(name, {}))
+        except SnapshotError:
+            raise
+        except (HvkitError, OSError, KeyError, TypeError, ValueError) as exc:
+            raise SnapshotError(f"{path}: device {name} cannot be made again: {exc}") from None
 
 
 def _load_vm(vmm: "Vmm", state: dict[str, Any], tsc_restored: bool = True) -> None:

@@ -150,19 +150,6 @@ def test_attachments_and_hypercalls_come_back(tmp_path):
         assert clone.wait(20) == 0
 
 
-def test_pci_devices_are_refused_for_now(tmp_path):
-    from hvkit.storage.raw import RawFileBackend
-    disk = tmp_path / "d.img"
-    disk.write_bytes(bytes(1 << 20))
-    with MicroVM("echo") as vm:
-        vm.add_nvme([RawFileBackend(str(disk))])
-        vm.start()
-        wait_for(vm, b"echo ready")
-        vm.pause()
-        with pytest.raises(SnapshotError, match="PCI"):
-            vm.snapshot(str(tmp_path / "s"))
-
-
 def boot_echo():
     return MicroVM("echo")
 

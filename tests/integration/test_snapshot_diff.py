@@ -219,3 +219,71 @@ def test_lazy_restore_prefetches_what_the_last_run_touched(chain, tmp_path):
     assert stats[0].prefetched == 0
     assert stats[1].prefetched > 0
     assert stats[1].faults < stats[0].faults
+
+
+@pytest.mark.parametrize("transport", ["pci", "mmio"])
+def test_a_virtio_console_comes_back_connected(tmp_path, transport):
+    mmio = int(transport == "mmio")
+    with MicroVM("virtio_console", memory="64M", args=f"mmio={mmio}") as vm:
+        con = vm.add_virtio_console(transport=transport)
+        vm.start()
+        assert con.wait_output(b"over virtio-console\n", 60), con.output
+        assert con.send_input(b"before\n") == 7
+        assert con.wait_output(b"echo: before\n", 60), con.output
+        vm.pause()
+        vm.snapshot(tmp_path / "s")
+    for _ in range(2):
+        with MicroVM.restore(tmp_path / "s") as clone:
+            names = [a.name for a in clone.attachments]
+            assert "virtio-console0" in names
+            con = next(a.device for a in clone.attachments if a.name == "virtio-console0")
+            clone.start()
+            assert con.send_input(b"after\n") == 6
+            assert con.wait_output(b"echo: after\n", 60), con.output
+            con.send_input(b"quit\n")
+            assert clone.wait(20) == 0
+
+
+def test_changes_must_name_saved_devices(tmp_path):
+    with MicroVM("virtio_console", memory="64M") as vm:
+        vm.add_virtio_console()
+        vm.start()
+        vm.pause()
+        vm.snapshot(tmp_path / "s")
+    with pytest.raises(SnapshotError, match="no saved device named virtio-blk0"):
+        MicroVM.restore(tmp_path / "s", devices={"virtio-blk0": {"backend": "x"}})
+
+
+def test_nvme_vms_are_refused_by_name(tmp_path):
+    from hvkit.storage.raw import RawFileBackend
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(1 << 20))
+    with MicroVM("echo", memory="64M") as vm:
+        vm.add_nvme([RawFileBackend(str(disk))])
+        vm.start()
+        vm.pause()
+        with pytest.raises(SnapshotError, match="NVMe controller"):
+            vm.snapshot(tmp_path / "s")
+    assert not (tmp_path / "s" / "vm.json").exists()
+
+
+@pytest.mark.parametrize("transport", ["pci", "mmio"])
+def test_a_virtio_disk_saved_mid_io_finishes_on_a_copy_of_its_disk(tmp_path, transport):
+    """Requests in flight when the VM is saved complete in the restored VM
+    (on the copy of the disk it is given), and every read checks out."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(16 << 20))
+    mmio = int(transport == "mmio")
+    with MicroVM("virtio_blk", memory="64M", args=f"mmio={mmio} ios=20000 qd=8") as vm:
+        vm.add_virtio_blk(str(disk), transport=transport)
+        vm.start()
+        time.sleep(0.3)
+        vm.pause()
+        assert vm.state == "paused", vm.console_output.decode()
+        vm.snapshot(tmp_path / "s")
+        shutil.copy(disk, tmp_path / "copy.img")
+    with MicroVM.restore(tmp_path / "s",
+                         devices={"virtio-blk0": {"backend": str(tmp_path / "copy.img")}}) as vm:
+        vm.start()
+        assert vm.wait(120) == 0, vm.console_output.decode()
+        assert "virtio-blk: ok" in vm.console_output.decode()
