@@ -13,6 +13,7 @@ idle 1 GiB guest costs what it uses). Restoring has three ways:
 """
 from __future__ import annotations
 
+import errno
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,7 @@ from hvkit.memory.guest import GuestMemory, MemoryRegion
 from hvkit.snapshot.format import PAGE, SnapshotError
 
 if TYPE_CHECKING:
-    from typing import Sequence
+    from typing import Iterator, Sequence
 
 CHUNK = 256 << 10
 _ZERO = bytes(CHUNK)
@@ -42,11 +43,16 @@ def save_memory(memory: GuestMemory, path: str,
             spans = ([(0, r.size)] if pages is None else
                      [(first * PAGE, count * PAGE) for first, count in pages[index]])
             for start, length in spans:
-                for i in range(start, start + length, CHUNK):
-                    n = min(CHUNK, start + length - i)
-                    data = m[i:i + n]
-                    if data != _ZERO[:n]:
-                        os.pwrite(fd, data, offset + i)
+                # memfd RAM: only its data extents (reading a hole of shared
+                # memory would allocate it)
+                extents = (data_extents(r.fd, start, start + length) if r.backing == "memfd"
+                           else [(start, start + length)])
+                for lo, hi in extents:
+                    for i in range(lo, hi, CHUNK):
+                        n = min(CHUNK, hi - i)
+                        data = m[i:i + n]
+                        if data != _ZERO[:n]:
+                            os.pwrite(fd, data, offset + i)
             regions.append({"name": r.name, "gpa": r.gpa, "size": r.size, "offset": offset,
                             "backing": r.backing})
             offset += -(-r.size // PAGE) * PAGE
@@ -136,26 +142,35 @@ def _apply_diff(path: str, memory: GuestMemory, regions: list[dict[str, Any]],
         os.close(fd)
 
 
+def data_extents(fd: int, start: int, end: int) -> "Iterator[tuple[int, int]]":
+    """The [a, b) ranges of file ``fd`` within [start, end) that hold data
+    (SEEK_DATA/SEEK_HOLE: holes cost nothing)."""
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:     # only a hole is left
+                return
+            yield pos, end                   # no SEEK_DATA here: all of it
+            return
+        if data >= end:
+            return
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        yield data, hole
+        pos = hole
+
+
 def _fill(fd: int, region: MemoryRegion, offset: int) -> None:
     """Copy the file's data extents of one region into its (zeroed) RAM."""
     mv = memoryview(region.mapping)
     try:
-        end = offset + region.size
-        pos = offset
-        while pos < end:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:          # ENXIO: only a hole is left
-                break
-            if data >= end:
-                break
-            hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        for data, hole in data_extents(fd, offset, offset + region.size):
             at = data
             while at < hole:
                 n = os.preadv(fd, [mv[at - offset:hole - offset]], at)
                 if n <= 0:
                     raise SnapshotError(f"memory file ends early at {at:#x}")
                 at += n
-            pos = hole
     finally:
         mv.release()
