@@ -40,6 +40,11 @@ def add_snapshot_commands(subparsers: "argparse._SubParsersAction") -> argparse.
     p.add_argument("--input", "-i", action="store_true", help="forward stdin to the console")
     p.add_argument("--timeout", "-t", type=timeout_arg, default=None,
                    help="stop after S seconds (0 or none: no limit)")
+    p.add_argument("--device", action="append", default=[], metavar="NAME:KEY=VALUE",
+                   type=device_change,
+                   help="make a saved device with another setting, e.g. "
+                        "virtio-blk0:backend=copy.img or virtio-vsock0:uds_path=/run/v.sock "
+                        "(repeatable; 'hvkit snapshot info' lists the devices)")
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("info", help="what a snapshot holds")
@@ -83,9 +88,23 @@ def _forward(vm) -> None:
             return
 
 
+def device_change(text: str) -> tuple[str, str, str]:
+    """NAME:KEY=VALUE, for --device."""
+    name, sep, rest = text.partition(":")
+    key, eq, value = rest.partition("=")
+    if not (sep and eq and name and key):
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME:KEY=VALUE "
+                                         "(e.g. virtio-blk0:backend=copy.img)")
+    return name, key, value
+
+
 def cmd_restore(args: argparse.Namespace) -> int:
     from hvkit.machine import MicroVM
-    with MicroVM.restore(args.path, memory=args.memory, console=sys.stdout) as vm:
+    devices: dict[str, dict[str, str]] = {}
+    for name, key, value in args.device:
+        devices.setdefault(name, {})[key] = value
+    with MicroVM.restore(args.path, memory=args.memory, console=sys.stdout,
+                         devices=devices) as vm:
         vm.start()
         if args.input:
             threading.Thread(target=_forward, args=(vm,), daemon=True).start()
@@ -110,7 +129,12 @@ def cmd_info(args: argparse.Namespace) -> int:
             "vcpus": len(h["vcpus"]), "memory_bytes": size, "memory_on_disk": used,
             "cmdline": h.get("cmdline"), "tsc_khz": h.get("tsc_khz"),
             "devices": sorted(h.get("devices", {})),
-            "attachments": sorted(h.get("attachments", {}))}
+            "attachments": sorted(h.get("attachments", {})),
+            "id": h.get("id"), "parent": h.get("parent"),
+            "diff_pages": (sum(c for runs in h["pages"] for _, c in runs)
+                           if h.get("pages") else None),
+            "made_again_on_restore": {name: spec.get("args", {})
+                                      for name, spec in h.get("attachment_specs") or []}}
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -119,8 +143,13 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"{when})")
     print(f"  guest {info['guest']}, {info['vcpus']} vCPU, {size >> 20} MiB RAM "
           f"({used >> 20} MiB on disk), TSC {info['tsc_khz']} kHz")
+    if info["parent"]:
+        print(f"  a diff of {info['parent']['path']}: {info['diff_pages']} pages")
     if info["cmdline"]:
         print(f"  command line: {info['cmdline']}")
+    for name, made in info["made_again_on_restore"].items():
+        print(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in made.items()
+                                         if v not in (None, "")))
     print(f"  devices: {', '.join(info['devices']) or 'none'}; attachments: "
           f"{', '.join(info['attachments']) or 'none'}")
     return 0

@@ -287,3 +287,30 @@ def test_a_virtio_disk_saved_mid_io_finishes_on_a_copy_of_its_disk(tmp_path, tra
         vm.start()
         assert vm.wait(120) == 0, vm.console_output.decode()
         assert "virtio-blk: ok" in vm.console_output.decode()
+
+
+def test_the_cli_restores_a_device_on_another_disk(tmp_path):
+    import subprocess
+    import sys
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(16 << 20))
+    with MicroVM("virtio_blk", memory="64M", args="ios=64 qd=4") as vm:
+        vm.add_virtio_blk(str(disk))
+        vm.start()
+        vm.pause()
+        vm.snapshot(tmp_path / "s")
+    disk.rename(tmp_path / "moved.img")
+
+    def hvkit(*args):
+        return subprocess.run([sys.executable, "-m", "hvkit", *args], capture_output=True,
+                              timeout=120)
+    r = hvkit("snapshot", "info", str(tmp_path / "s"), "--json")
+    made = json.loads(r.stdout)["made_again_on_restore"]
+    assert made["virtio-blk0"]["backend"] == str(disk)
+    r = hvkit("snapshot", "restore", str(tmp_path / "s"), "--timeout", "60")
+    assert r.returncode == 2 and b"hvkit: error:" in r.stderr and b"disk.img" in r.stderr
+    assert b"Traceback" not in r.stderr
+    r = hvkit("snapshot", "restore", str(tmp_path / "s"), "--timeout", "60",
+              "--device", f"virtio-blk0:backend={tmp_path / 'moved.img'}")
+    assert r.returncode == 0, r.stderr
+    assert b"virtio-blk: ok" in r.stdout

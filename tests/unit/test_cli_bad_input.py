@@ -51,6 +51,7 @@ def check_refused(r, needle):
     (["snapshot", "info", "/tmp"], "snapshot header"),
     (["snapshot", "restore", "/nonexistent"], "not a snapshot directory"),
     (["snapshot", "restore", "/tmp", "--memory", "fast"], "--memory"),
+    (["snapshot", "restore", "/tmp", "--device", "virtio-blk0"], "NAME:KEY=VALUE"),
     (["snapshot", "create", "x", "hello"], "--at"),
     (["snapshot", "create", "x", "hello", "--at", "y", "--vcpus", "99"], "vcpus"),
     (["initramfs", "--list", "/tmp"], "is a directory"),
