@@ -417,3 +417,23 @@ def test_engine_that_cannot_start_leaves_the_queue_to_python(tmp_path):
         dev.close()
         be.close()
         mem.close()
+
+
+@pytest.mark.parametrize("event_idx", [True, False])
+def test_idle_engine_asks_for_the_next_notification(native_blk, event_idx):
+    """Once the engine stops polling it must hear of the next request:
+    avail_event at the driver's index (EVENT_IDX) or NO_NOTIFY cleared;
+    a request then kicked is served."""
+    mem, be, dev, drv = native_blk
+    features = None if event_idx else dev.avail_features & ~(1 << V.F_EVENT_IDX)
+    drv.setup(features=features)
+    q = drv.queues[0]
+    for i in range(3):
+        request(q, 1, i * 8, os.urandom(512))
+        drv.kick(0)
+        q.wait(1)
+        if event_idx:
+            wait_for(lambda: q.avail_event() == q.avail_idx)
+        else:
+            wait_for(lambda: not q.used_flags() & V.USED_F_NO_NOTIFY)
+    assert dev.completed[S_OK] == 3
