@@ -12,6 +12,7 @@ lifetime; the fds stay the caller's.
 """
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport malloc, free
+from libc.string cimport memset
 
 cdef extern from "blk_engine.h":
     int VBLK_STOP, VBLK_BROKEN
@@ -27,7 +28,12 @@ cdef extern from "blk_engine.h":
         uint64_t sleeps, kicks, timeouts, rearm_saves, contended, naps, io_waits
         uint64_t uring_ios, sync_ios, poll_ns, sleep_ns, io_wait_ns
         int64_t window_ns, window_min_ns, window_max_ns
+    struct hv_region:
+        uint64_t gpa, size
     struct vblk_engine:
+        hv_region regions[32]
+        int nregions
+        uint8_t *dirty[32]
         hv_file disk
         uint8_t serial[20]
         uint32_t max_segments, max_discard_sectors
@@ -144,6 +150,25 @@ cdef class BlkEngine:
         with nogil:
             n = vblk_process(self.e)
         return n
+
+    def take_written(self) -> list:
+        """Guest-physical addresses of the pages the engine wrote (data
+        read from the disk, statuses, the used ring) since the last call:
+        KVM's dirty log does not see them."""
+        cdef list out = []
+        cdef int i
+        cdef uint64_t k, pages
+        cdef uint8_t *bits
+        for i in range(self.e.nregions):
+            bits = self.e.dirty[i]
+            if bits == NULL:
+                continue
+            pages = (self.e.regions[i].size + 4095) // 4096
+            for k in range(pages):
+                if bits[k // 8] & (1 << (k % 8)):
+                    out.append(self.e.regions[i].gpa + k * 4096)
+            memset(bits, 0, (pages + 7) // 8)
+        return out
 
     def needs_interrupt(self) -> bool:
         return bool(vblk_needs_interrupt(self.e))

@@ -64,6 +64,25 @@ static inline int need_event(uint16_t event, uint16_t new_idx, uint16_t old_idx)
     return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old_idx);
 }
 
+/* Guest pages the engine wrote through its mapping: KVM's dirty log sees
+ * only the guest's own writes, so a diff snapshot asks the engine. */
+static void mark(struct vblk_engine *e, const uint8_t *p, uint64_t len)
+{
+    if (!len)
+        return;
+    for (int i = 0; i < e->nregions; i++) {
+        const struct hv_region *r = &e->regions[i];
+        if (p < r->hva || p - r->hva >= (ptrdiff_t)r->size || !e->dirty[i])
+            continue;
+        uint64_t first = (uint64_t)(p - r->hva) / VBLK_PAGE;
+        uint64_t last = ((uint64_t)(p - r->hva) + len - 1) / VBLK_PAGE;
+        uint64_t pages = (r->size + VBLK_PAGE - 1) / VBLK_PAGE;
+        for (uint64_t k = first; k <= last && k < pages; k++)
+            e->dirty[i][k / 8] |= (uint8_t)(1u << (k % 8));
+        return;
+    }
+}
+
 /* -- set-up --------------------------------------------------------------------- */
 
 int vblk_init(struct vblk_engine *e, int fd, uint64_t size, int read_only, uint32_t align)
@@ -95,6 +114,10 @@ void vblk_free(struct vblk_engine *e)
     e->uring = NULL;
     hv_io_buffers_free(e->bounce, e->zeros);
     e->bounce = e->zeros = NULL;
+    for (int i = 0; i < e->nregions; i++) {
+        free(e->dirty[i]);
+        e->dirty[i] = NULL;
+    }
     free(e->slots);
     free(e->rd);
     free(e->wr);
@@ -112,7 +135,11 @@ int vblk_enable_uring(struct vblk_engine *e)
 
 int vblk_add_region(struct vblk_engine *e, uint64_t gpa, uint64_t size, uint8_t *hva)
 {
-    return hv_gm_add(e->regions, &e->nregions, VBLK_MAX_REGIONS, gpa, size, hva);
+    int r = hv_gm_add(e->regions, &e->nregions, VBLK_MAX_REGIONS, gpa, size, hva);
+    if (r)
+        return r;
+    e->dirty[e->nregions - 1] = calloc((size + 8 * VBLK_PAGE - 1) / (8 * VBLK_PAGE), 1);
+    return e->dirty[e->nregions - 1] ? 0 : -ENOMEM;
 }
 
 int vblk_set_queue(struct vblk_engine *e, uint32_t size, uint64_t desc, uint64_t avail,
@@ -127,6 +154,7 @@ int vblk_set_queue(struct vblk_engine *e, uint32_t size, uint64_t desc, uint64_t
     e->used = hv_gm_ptr(e->regions, e->nregions, used, 6 + (uint64_t)USED_ELEM_SIZE * size);
     if (!e->desc || !e->avail || !e->used)
         return -EINVAL;
+    mark(e, e->used, 6 + (uint64_t)USED_ELEM_SIZE * size);     /* flags, idx, ring, avail_event */
     /* a chain has at most size descriptors, then one indirect table; each
      * buffer lies in at most nregions regions */
     size_t cap = ((size_t)size + VBLK_MAX_INDIRECT) * (size_t)(e->nregions ? e->nregions : 1);
@@ -387,6 +415,8 @@ static int rw_sync(struct vblk_engine *e, const struct vblk_seg *s, size_t ns, u
     uint8_t *p;
     uint64_t k;
     while (seg_next(&c, &p, &k)) {
+        if (!write)
+            mark(e, p, k);
         int r = hv_file_io(&e->disk, e->bounce, off, p, k, write);
         if (r)
             return r;
@@ -464,6 +494,7 @@ static void finish(struct vblk_engine *e, uint16_t head, uint8_t *status_byte, i
                    uint64_t used_len)
 {
     *status_byte = (uint8_t)status;
+    mark(e, status_byte, 1);
     count(e, status);
     push(e, head, used_len);
 }
@@ -560,6 +591,7 @@ static void request(struct vblk_engine *e, uint16_t head, int async)
         const uint8_t *src = e->serial;
         for (int i = 0; i < niov && i < ID_BYTES; i++) {
             memcpy(iov[i].iov_base, src, iov[i].iov_len);
+            mark(e, iov[i].iov_base, iov[i].iov_len);
             src += iov[i].iov_len;
         }
         status = VBLK_S_OK;
@@ -613,6 +645,8 @@ static void complete(struct vblk_engine *e, int id, int32_t res)
 {
     struct vblk_slot *sl = &e->slots[id];
     int err = 0;
+    for (int i = 0; !sl->write && i < sl->niov; i++)
+        mark(e, sl->iov[i].iov_base, sl->iov[i].iov_len);
     if (res < 0 || (uint64_t)res != sl->length)      /* short, failed: redo it plainly */
         err = iov_sync(e, sl);
     if (!err) {

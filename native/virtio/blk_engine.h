@@ -33,6 +33,7 @@ struct uring;
 #define VBLK_SLOTS 256              /* requests in flight at once */
 #define VBLK_SLOT_IOV 32            /* more segments than this: synchronous */
 #define VBLK_RING_OPS 256
+#define VBLK_PAGE 4096              /* the unit of the written-pages record */
 
 /* request statuses (5.2.6) */
 #define VBLK_S_OK 0
@@ -83,6 +84,7 @@ struct vblk_run_stats {
 struct vblk_engine {
     struct hv_region regions[VBLK_MAX_REGIONS];
     int nregions;
+    uint8_t *dirty[VBLK_MAX_REGIONS];   /* per region, a bit per page the engine wrote */
     struct hv_file disk;
     uint8_t serial[20];
     uint32_t max_segments, max_discard_sectors;

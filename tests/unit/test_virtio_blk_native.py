@@ -437,3 +437,27 @@ def test_idle_engine_asks_for_the_next_notification(native_blk, event_idx):
         else:
             wait_for(lambda: not q.used_flags() & V.USED_F_NO_NOTIFY)
     assert dev.completed[S_OK] == 3
+
+
+def test_pages_the_engine_wrote_count_as_host_writes(native_blk):
+    """KVM's dirty log misses what the engine writes into guest RAM: once
+    it stops, those pages are in the memory's record of host writes, so a
+    diff snapshot saves the data it read, the statuses and the used ring."""
+    mem, be, dev, drv = native_blk
+    drv.setup()
+    q = drv.queues[0]
+    request(q, 1, 0, os.urandom(4096))
+    drv.kick(0)
+    q.wait(1)
+    mem.track_writes()
+    head = request(q, 0, 0, in_len=4096)
+    _, writable = q.inflight[head]
+    drv.kick(0)
+    q.wait(1)
+    dev.pause()
+    written = mem.take_written()
+    dev.resume()
+    buf, _n = writable[0]
+    assert {buf // 4096, (buf + 4095) // 4096} <= written      # the data read
+    assert (buf + 4096) // 4096 in written                      # its status byte
+    assert q.used // 4096 in written                            # the used ring

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 ENGINES = ("auto", "native", "python")
 #: how long the engine polls the avail ring after a request, at most
 POLL_US = 200
+PAGE = 4096
 
 
 def native_unavailable(backend: BlockBackend, mem: GuestMemory) -> str | None:
@@ -179,6 +180,10 @@ class NativeBlkQueue:
         q.set_positions(*eng.positions)
         if eng.broken:
             q.broken = True
+        # the pages the engine wrote count as host writes (a view is one),
+        # for the diff snapshots that track them
+        for gpa in eng.take_written():
+            self.mem.view(gpa, PAGE).release()
         self.stats = eng.stats
         self.run_stats = eng.run_stats
 
