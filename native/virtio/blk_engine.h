@@ -31,7 +31,7 @@ struct uring;
 #define VBLK_MAX_REGIONS 32
 #define VBLK_MAX_INDIRECT 4096      /* queue.py MAX_INDIRECT */
 #define VBLK_SLOTS 256              /* requests in flight at once */
-#define VBLK_SLOT_IOV 32            /* more segments than this: synchronous */
+#define VBLK_SLOT_IOV 256           /* more segments than this: synchronous */
 #define VBLK_RING_OPS 256
 #define VBLK_PAGE 4096              /* the unit of the written-pages record */
 

@@ -461,3 +461,24 @@ def test_pages_the_engine_wrote_count_as_host_writes(native_blk):
     assert {buf // 4096, (buf + 4095) // 4096} <= written      # the data read
     assert (buf + 4096) // 4096 in written                      # its status byte
     assert q.used // 4096 in written                            # the used ring
+
+
+def test_requests_of_many_segments(native_blk):
+    """Linux sends up to seg_max segments in one request: 100 of 512 bytes
+    written and read back through the engine's ring."""
+    mem, be, dev, drv = native_blk
+    drv.setup(queue_sizes={0: 256})
+    q = drv.queues[0]
+    data = os.urandom(100 * 512)
+    hdr = struct.pack("<IIQ", 1, 0, 16)
+    q.add([hdr] + [data[i:i + 512] for i in range(0, len(data), 512)], [1])
+    drv.kick(0)
+    assert q.wait(1)[0][2] == bytes([S_OK])
+    head = q.add([struct.pack("<IIQ", 0, 0, 16)], [512] * 100 + [1])
+    drv.kick(0)
+    (got_head, length, written), = q.wait(1)
+    assert got_head == head and length == len(data) + 1
+    assert written == data + bytes([S_OK])
+    with open(be.path, "rb") as f:
+        f.seek(16 * SECTOR)
+        assert f.read(len(data)) == data
