@@ -143,6 +143,38 @@ def test_host_connects_to_guest_port(mem, uds):
     dev.close()
 
 
+def test_host_half_close_leaves_the_guest_its_sending_side(mem, uds):
+    """A host client that sends a request and shuts down its writing side
+    (shutdown(SHUT_WR)) still reads the reply: the guest is told the host
+    sends no more (SHUTDOWN with SEND only), its data still reaches the host,
+    and the guest's own close ends the connection."""
+    dev = VirtioVsock(mem, CID, uds)
+    g = Guest(dev, mem)
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.connect(uds)
+    c.sendall(b"CONNECT 53\n")
+    host_port = g.expect(VS.OP_REQUEST)[2]
+    g.send(VS.OP_RESPONSE, 53, host_port)
+    assert recv_exact(c, len(f"OK {host_port}\n")) == f"OK {host_port}\n".encode()
+    c.sendall(b"request")
+    c.shutdown(socket.SHUT_WR)
+    data = b""
+    while len(data) < 7:
+        data += g.expect(VS.OP_RW)[-1]
+    assert data == b"request"
+    p = g.expect(VS.OP_SHUTDOWN)
+    assert p[7] == VS.SHUTDOWN_SEND
+    g.send(VS.OP_RW, 53, host_port, b"the reply")
+    assert recv_exact(c, 9) == b"the reply"
+    assert dev.connections() == [(host_port, 53, "established")]
+    g.send(VS.OP_SHUTDOWN, 53, host_port, flags=VS.SHUTDOWN_RCV | VS.SHUTDOWN_SEND)
+    g.expect(VS.OP_RST)
+    c.settimeout(5)
+    assert c.recv(10) == b""
+    assert dev.connections() == []
+    dev.close()
+
+
 def test_refused_connection_gets_rst(mem, uds):
     dev = VirtioVsock(mem, CID, uds)
     g = Guest(dev, mem)
@@ -322,7 +354,8 @@ def test_closed_host_socket_is_reset_if_guest_ignores_shutdown(mem, uds):
     g.expect(VS.OP_RESPONSE)
     host, _ = srv.accept()
     host.close()
-    g.expect(VS.OP_SHUTDOWN)
+    p = g.expect(VS.OP_SHUTDOWN)
+    assert p[7] == VS.SHUTDOWN_RCV | VS.SHUTDOWN_SEND   # closed: nothing more either way
     g.expect(VS.OP_RST)                            # the guest never sent its RST
     assert dev.connections() == []
     dev.close()

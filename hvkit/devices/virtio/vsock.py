@@ -4,7 +4,10 @@ The guest's stream connections to the host (CID 2) port P are connected to
 the UNIX socket ``<uds_path>_P``. A host process reaches the guest by
 connecting to ``<uds_path>`` and writing ``CONNECT P\\n``; once the guest
 accepts, it reads ``OK <host port>\\n`` and the socket carries the stream.
-Firecracker users find the same paths and the same handshake.
+Firecracker users find the same paths and the same handshake. A host
+socket that only shuts down its sending side (``shutdown(SHUT_WR)``, as in
+send a request, then read the answer) reaches the guest as a SHUTDOWN with
+the SEND flag alone, so the guest can still answer; a closed one as both.
 
 Flow control is the spec's credit scheme in both directions: the device
 never sends a connection more than the guest's advertised ``buf_alloc``
@@ -26,6 +29,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import selectors
 import socket
 import stat
@@ -95,7 +99,8 @@ class Connection:
         self.peer_fwd_cnt = 0
         self.ctrl: deque[tuple[int, int]] = deque()   # (op, flags) to send
         self.readable = False              # socket has data we have not read
-        self.eof = False
+        self.eof = False                   # the host shut down its sending side
+        self.close_flushed = False         # reset once tx_buf is sent
         self.peer_shut = 0                 # SHUTDOWN flags from the guest
         self.events = 0                    # what the worker watches
 
@@ -420,8 +425,9 @@ class VirtioVsock(VirtioDevice):
             self._send_ctrl(conn, OP_CREDIT_UPDATE)
         elif op == OP_SHUTDOWN:
             conn.peer_shut |= flags & (SHUTDOWN_RCV | SHUTDOWN_SEND)
-            if conn.peer_shut == SHUTDOWN_RCV | SHUTDOWN_SEND or conn.state == CLOSING:
-                self._close(conn, rst=True)
+            if conn.peer_shut == SHUTDOWN_RCV | SHUTDOWN_SEND or conn.state == CLOSING \
+                    or (conn.eof and conn.peer_shut & SHUTDOWN_SEND):
+                self._close_flushed(conn)
             else:
                 if conn.peer_shut & SHUTDOWN_SEND and not conn.tx_buf:
                     _shut(conn.sock, socket.SHUT_WR)
@@ -477,8 +483,23 @@ class VirtioVsock(VirtioDevice):
             return
         del conn.tx_buf[:sent]
         self._credit(conn, sent)
+        if not conn.tx_buf and conn.close_flushed:
+            self._close(conn, rst=True)
+            return
         if not conn.tx_buf and conn.peer_shut & SHUTDOWN_SEND:
             _shut(conn.sock, socket.SHUT_WR)
+        self._watch(conn)
+
+    def _close_flushed(self, conn: Connection) -> None:
+        """Both sides are done: reset the connection once the host socket
+        has taken the guest's last bytes (or the timeout passed)."""
+        if not conn.tx_buf:
+            self._close(conn, rst=True)
+            return
+        conn.close_flushed = True
+        if conn.state != CLOSING:
+            conn.state = CLOSING
+            self._expire(conn, CLOSING)
         self._watch(conn)
 
     def _credit(self, conn: Connection, sent: int) -> None:
@@ -556,11 +577,16 @@ class VirtioVsock(VirtioDevice):
             if n == 0:
                 conn.readable = False
                 conn.eof = True
-                conn.state = CLOSING
-                _scatter(hdr_views, self._hdr(conn, OP_SHUTDOWN,
-                                              flags=SHUTDOWN_RCV | SHUTDOWN_SEND))
+                if _hung_up(conn.sock):
+                    # the host closed its socket: nothing more either way
+                    conn.state = CLOSING
+                    flags = SHUTDOWN_RCV | SHUTDOWN_SEND
+                    self._expire(conn, CLOSING)
+                else:
+                    # shutdown(SHUT_WR): the host sends no more but still reads
+                    flags = SHUTDOWN_SEND
+                _scatter(hdr_views, self._hdr(conn, OP_SHUTDOWN, flags=flags))
                 self._watch(conn)
-                self._expire(conn, CLOSING)
                 return HDR.size
             extra = self._read_more(conn, budget - n) if n == credit else 0
             conn.rx_cnt = (conn.rx_cnt + n + extra) & 0xFFFFFFFF
@@ -686,6 +712,15 @@ def _scatter(views: list[memoryview], data: bytes) -> None:
     for v in views:
         v[:] = data[pos:pos + len(v)]
         pos += len(v)
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """After reading EOF: True if the host closed the socket, False if it
+    only shut down its sending side (a UNIX socket reports POLLHUP only
+    when both directions are shut)."""
+    p = select.poll()
+    p.register(sock.fileno(), select.POLLIN)
+    return any(ev & (select.POLLHUP | select.POLLERR) for _, ev in p.poll(0))
 
 
 def _shut(sock: socket.socket, how: int) -> None:
