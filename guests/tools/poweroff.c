@@ -3,27 +3,12 @@
  * A Linux guest without ACPI can only halt or reset; this gives its init a
  * way to hand the VM's caller a status. Static, no libc: it runs in any
  * initramfs. Needs CAP_SYS_RAWIO (init runs as root). */
-#define SYS_write 1
+#include "syscall.h"
+
 #define SYS_ioperm 173
-#define SYS_exit 60
 #define SYS_sync 162
 #define SYS_nanosleep 35
 #define EXIT_PORT 0x500
-
-static long sys3(long n, long a, long b, long c)
-{
-    long r;
-    __asm__ volatile("syscall" : "=a"(r) : "a"(n), "D"(a), "S"(b), "d"(c) : "rcx", "r11", "memory");
-    return r;
-}
-
-static void say(const char *s)
-{
-    long n = 0;
-    while (s[n])
-        n++;
-    sys3(SYS_write, 2, (long)s, n);
-}
 
 __attribute__((used)) void start_c(long *sp)
 {
@@ -53,4 +38,4 @@ __attribute__((used)) void start_c(long *sp)
     sys3(SYS_exit, 1, 0, 0);
 }
 
-__asm__(".global _start\n_start:\n mov %rsp, %rdi\n and $-16, %rsp\n call start_c\n");
+TOOL_ENTRY;

@@ -12,8 +12,9 @@
  * background and wait for it. busybox has no vsock applet; this is static
  * with no libc, like hvkit-poweroff, so it runs in any initramfs.
  * Exit status: 0 done, 1 a system call failed (named with its errno), 2 usage. */
+#include "syscall.h"
+
 #define SYS_read 0
-#define SYS_write 1
 #define SYS_close 3
 #define SYS_poll 7
 #define SYS_socket 41
@@ -22,7 +23,6 @@
 #define SYS_shutdown 48
 #define SYS_bind 49
 #define SYS_listen 50
-#define SYS_exit 60
 
 #define AF_VSOCK 40
 #define SOCK_STREAM 1
@@ -48,26 +48,6 @@ struct pollfd {
     short events;
     short revents;
 };
-
-static long sys3(long n, long a, long b, long c)
-{
-    long r;
-    __asm__ volatile("syscall" : "=a"(r) : "a"(n), "D"(a), "S"(b), "d"(c) : "rcx", "r11", "memory");
-    return r;
-}
-
-static long slen(const char *s)
-{
-    long n = 0;
-    while (s[n])
-        n++;
-    return n;
-}
-
-static void say(const char *s)
-{
-    sys3(SYS_write, 2, (long)s, slen(s));
-}
 
 static char *fmt_uint(char *end, unsigned long v)
 {
@@ -273,4 +253,4 @@ __attribute__((used)) void start_c(long *sp)
     sys3(SYS_exit, 0, 0, 0);
 }
 
-__asm__(".global _start\n_start:\n mov %rsp, %rdi\n and $-16, %rsp\n call start_c\n");
+TOOL_ENTRY;
