@@ -85,6 +85,7 @@ fi
 bench vsock.py --rounds 50 --mib 1 --repeat 1
 bench net.py --frames 2000 --size 1514 --repeat 1
 skip boot.py "boots Linux"
+skip linux_restore.py "boots Linux"
 # benchlib.py is not a benchmark: the others import it (their folder is on sys.path).
 seen[benchlib.py]=1
 # A new benchmark needs a line above: it is part of what users install and run.
