@@ -194,6 +194,35 @@ def snapshot_chain(path: str) -> list[tuple[str, dict[str, Any]]]:
     return chain
 
 
+#: parsed snapshot chains by path, for clones restored from one snapshot
+#: again and again: (the stat of every header in the chain, chain, CPUID)
+_chains: dict[str, tuple[list[tuple[int, int, int]], list, list]] = {}
+
+
+def _header_stat(path: str) -> tuple[int, int, int]:
+    from hvkit.snapshot.format import HEADER
+    try:
+        st = os.stat(os.path.join(path, HEADER))
+    except OSError:
+        return (0, 0, 0)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _read_chain(path: str) -> tuple[list[tuple[str, dict[str, Any]]], list]:
+    """snapshot_chain() and the saved CPUID, parsed once per snapshot (a
+    header that changed on disk is read again)."""
+    key = os.path.abspath(path)
+    hit = _chains.get(key)
+    if hit is not None and hit[0] == [_header_stat(where) for where, _ in hit[1]]:
+        return hit[1], hit[2]
+    chain = snapshot_chain(path)
+    cpuid = cpu.cpuid_from_json(chain[-1][1]["cpuid"])
+    if len(_chains) > 64:
+        _chains.clear()
+    _chains[key] = ([_header_stat(where) for where, _ in chain], chain, cpuid)
+    return chain, cpuid
+
+
 def save_working_set(path: str, block: int, blocks: list[tuple[int, int]]) -> None:
     """The blocks a lazy run touched, for the next lazy restore to prefetch
     (best effort: a snapshot directory the user cannot write keeps none)."""
@@ -251,7 +280,7 @@ def restore(path: str | os.PathLike, *, memory: str = "cow",
     path = os.fspath(path)
     if pages is not None and memory != "lazy":
         raise SnapshotError("a page provider serves a lazy restore: use memory='lazy'")
-    chain = snapshot_chain(path)
+    chain, saved_cpuid = _read_chain(path)
     header = chain[-1][1]
     if track_dirty and not header.get("id"):
         raise SnapshotError(f"{path}: a version-1 snapshot has no id, so no diff can "
@@ -288,7 +317,6 @@ def restore(path: str | os.PathLike, *, memory: str = "cow",
                                  "secondary_vcpus": "wait-sipi",
                                  "memory": sum(r["size"] for r in regions)})
     kvm = kvm or default_kvm()
-    saved_cpuid = cpu.cpuid_from_json(header["cpuid"])
     t = time.perf_counter()
     guest_memory = restore_memory(files[0], regions, memory,
                                   [(f, runs) for f, _, runs in diffs])
