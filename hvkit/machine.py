@@ -14,6 +14,7 @@ from hvkit.platform.msi import KvmMsi  # noqa: F401 (re-exported for embedders)
 from hvkit.vmm.builder import Loader, build, default_kvm  # noqa: F401
 from hvkit.vmm.config import MAX_VCPUS, EntryState, PortMap, VmConfig  # noqa: F401
 from hvkit.vmm.reaper import wait_for_closes  # noqa: F401 (re-exported)
+from hvkit.vmm.attach import Attachment
 from hvkit.vmm.runtime import Vmm
 
 if TYPE_CHECKING:
@@ -150,8 +151,15 @@ class MicroVM(Vmm):
         ``mode`` picks the doorbell path (see hvkit.platform.nvme): "mmio",
         "ioeventfd" or "shadow". Returns the NvmeController."""
         from hvkit.platform.nvme import NvmeAttachment
+        from hvkit.storage.raw import RawFileBackend
         att = NvmeAttachment(disks, mode=mode, poll_us=poll_us, slot=slot, **controller_args)
+        att.name = f"nvme{sum(isinstance(a, NvmeAttachment) for a in self.attachments)}"
         self.attach(att)
+        # how it was made, for a restore to make it again: raw files by path
+        paths = [[os.path.abspath(d.path), d.read_only] if type(d) is RawFileBackend else None
+                 for d in disks]
+        att.spec = {"add": "nvme", "args": {"disks": paths, "mode": mode, "poll_us": poll_us,
+                                            "slot": att.devfn >> 3, **controller_args}}
         return att.ctrl
 
     # -- virtio ----------------------------------------------------------------
@@ -180,9 +188,13 @@ class MicroVM(Vmm):
         attachment, which then takes its saved state."""
         add = spec.get("add") if isinstance(spec, dict) else None
         if add not in ("virtio_blk", "virtio_rng", "virtio_console", "virtio_vsock",
-                       "virtio_net"):
+                       "virtio_net", "nvme"):
             raise ConfigError(f"{name}: this hvkit cannot make a {add!r} device")
         args = {**spec.get("args", {}), **change}
+        if add == "nvme":
+            args["disks"] = _nvme_disks(name, args.get("disks"))
+            # the files opened here are this VM's: closed after the controller
+            self.attach(_ClosesWithVm(f"{name}-disks", args["disks"]))
         if add == "virtio_blk" and args.get("backend") is None:
             raise ConfigError(f"{name} was made on a BlockBackend object, not a path: give "
                               f"MicroVM.restore(..., devices={{{name!r}: {{'backend': ...}}}})")
@@ -279,6 +291,50 @@ class MicroVM(Vmm):
         return self._add_virtio(device, transport, slot,
                                 {"tap": named, "mac": device.mac.hex(":"), "mtu": mtu,
                                  "bridge": bridge, "netns": netns, "offloads": offloads})
+
+
+class _ClosesWithVm(Attachment):
+    """Closes what a restore opened for a device, when the VM closes."""
+
+    transient = True
+
+    def __init__(self, name: str, items: list[Any]) -> None:
+        self.name = name
+        self.items = items
+
+    def close(self) -> None:
+        for item in self.items:
+            item.close()
+
+
+def _nvme_disks(name: str, disks: Any) -> "list[BlockBackend]":
+    """An NVMe controller's saved disks opened again: raw files by path
+    (``[path, read_only]`` or a path); a disk that was a BlockBackend
+    object must be given again."""
+    from hvkit.storage.backend import BlockBackend
+    from hvkit.storage.raw import RawFileBackend
+    if not isinstance(disks, list):
+        raise ConfigError(f"{name}: saved disks are damaged: {disks!r}")
+    out: list[BlockBackend] = []
+    opened: list[BlockBackend] = []
+    try:
+        for i, d in enumerate(disks):
+            if isinstance(d, BlockBackend):
+                out.append(d)
+                continue
+            if isinstance(d, (str, os.PathLike)):
+                d = [d, False]
+            if not (isinstance(d, list) and len(d) == 2):
+                raise ConfigError(f"{name}: disk {i} was a BlockBackend object, not a file: "
+                                  f"give MicroVM.restore(..., devices={{{name!r}: "
+                                  "{'disks': [...]}})")
+            opened.append(RawFileBackend(d[0], read_only=bool(d[1])))
+            out.append(opened[-1])
+    except BaseException:
+        for d in opened:
+            d.close()
+        raise
+    return out
 
 
 def run_guest(guest: str, *, timeout: float | None = 30, **kwargs: Any) -> tuple[int | None, bytes]:

@@ -127,8 +127,15 @@ class NvmeAttachment(Attachment):
                 self.ctrl.service_irq(fds[fd])
 
     def state(self) -> dict:
-        raise NotImplementedError("an NVMe controller's registers and queues are not "
-                                  "saved in snapshots yet")
+        assert self.ctrl is not None
+        return {"devfn": self.devfn, "mode": self.mode, "ctrl": self.ctrl.state()}
+
+    def restore(self, state: dict) -> None:
+        assert self.ctrl is not None
+        if state.get("devfn") != self.devfn or state.get("mode") != self.mode:
+            raise ConfigError(f"{self.name}: saved state is for another placement or mode "
+                              f"(devfn {state.get('devfn')}, mode {state.get('mode')})")
+        self.ctrl.restore(state["ctrl"])
 
     def close(self) -> None:
         if self.ctrl is None or self._closed:

@@ -562,6 +562,72 @@ class NvmeController(PciDevice):
             out[off:off + 16] = value.to_bytes(16, "little")
         return bytes(out)
 
+    # -- snapshots -------------------------------------------------------------
+
+    def state(self) -> dict:
+        """Registers, features and every queue with its positions (JSON-able):
+        with the engine in this process and the vCPUs paused, nothing is in
+        flight. A controller served by an accelerator process is not saved."""
+        if self.accelerator is not None:
+            raise NotImplementedError("an NVMe controller served by an accelerator process "
+                                      "(ioeventfd or shadow doorbells) cannot be saved yet; "
+                                      "mode='mmio' can")
+        with self._lock:
+            e = self.engine
+            a = self.admin
+            return {
+                "pci": PciDevice.state(self), "msix": self.msix.state(),
+                "regs": [self.cc, self.csts, self.aqa, self.asq, self.acq, self.intms],
+                "error_count": self.error_count,
+                "features": {str(k): v for k, v in a.features.items()},
+                "irq_config": {str(k): v for k, v in a.irq_config.items()},
+                "queues_allocated": list(a.queues_allocated), "queues_set": a.queues_set,
+                "io_cqs": {str(q): list(r) for q, r in self.io_cqs.items()},
+                "io_sqs": {str(q): list(r) for q, r in self.io_sqs.items()},
+                "cqs": [[c.qid, c.gpa, c.size, c.vector, c.ien, c.tail, c.phase, c.head,
+                         c.pending_irq, c.blocked] for c in e.cqs.values()],
+                "sqs": [[q.qid, q.gpa, q.size, q.cqid, q.head, q.tail] for q in e.sqs.values()],
+                "dbbuf": list(self.dbbuf) if self.dbbuf else None,
+                "coalesce": [e.coalesce_threshold, sorted(e.coalesce_disabled_vectors)],
+                "doorbells": bytes(self.ctrl_page[:8 * (MAX_QID + 1)]).hex(),
+            }
+
+    def restore(self, state: dict) -> None:
+        """Take back ``state()`` on a controller of the same shape."""
+        with self._lock:
+            PciDevice.restore(self, state["pci"])
+            self.msix.restore(state["msix"])
+            self.cc, self.csts, self.aqa, self.asq, self.acq, self.intms = \
+                (int(v) for v in state["regs"])
+            self.error_count = int(state["error_count"])
+            a = self.admin
+            a.features = {int(k): int(v) for k, v in state["features"].items()}
+            a.irq_config = {int(k): int(v) for k, v in state["irq_config"].items()}
+            a.queues_allocated = tuple(int(v) for v in state["queues_allocated"])
+            a.queues_set = bool(state["queues_set"])
+            self.io_cqs = {int(q): (int(r[0]), int(r[1]), int(r[2]), bool(r[3]))
+                           for q, r in state["io_cqs"].items()}
+            self.io_sqs = {int(q): (int(r[0]), int(r[1]), int(r[2]))
+                           for q, r in state["io_sqs"].items()}
+            e = self.engine
+            e.reset()
+            for qid, gpa, size, vector, ien, tail, phase, head, pending, blocked in state["cqs"]:
+                cq = e.create_cq(int(qid), int(gpa), int(size), int(vector), bool(ien),
+                                 tail=int(tail), phase=int(phase))
+                cq.head, cq.pending_irq, cq.blocked = int(head), int(pending), bool(blocked)
+            for qid, gpa, size, cqid, head, tail in state["sqs"]:
+                if int(cqid) not in e.cqs:
+                    raise ValueError(f"saved SQ {qid} names a missing CQ {cqid}")
+                sq = e.create_sq(int(qid), int(gpa), int(size), int(cqid), head=int(head))
+                sq.tail = int(tail)
+            doorbells = bytes.fromhex(state["doorbells"])
+            self.ctrl_page[:len(doorbells)] = doorbells
+            self.dbbuf = tuple(int(v) for v in state["dbbuf"]) if state["dbbuf"] else None
+            if self.dbbuf is not None:
+                e.set_dbbuf(*self.dbbuf, initialise=False)
+            threshold, disabled = state["coalesce"]
+            self.plane.set_coalescing(int(threshold), [int(v) for v in disabled])
+
     def close(self) -> None:
         with self._lock:
             self.plane.close()
