@@ -263,7 +263,7 @@ def test_an_nvme_disk_saved_mid_io_finishes_on_a_copy_of_its_disk(tmp_path, shad
     disk.write_bytes(bytes(16 << 20))
     backend = RawFileBackend(str(disk))
     try:
-        with MicroVM("nvme", memory="64M", args=f"shadow={shadow} ios=40000 qd=8") as vm:
+        with MicroVM("nvme", memory="64M", args=f"shadow={shadow} ios=20000 qd=8") as vm:
             vm.add_nvme([backend], mode="mmio")
             vm.start()
             time.sleep(0.3)
