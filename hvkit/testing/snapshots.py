@@ -76,15 +76,17 @@ def vm_snapshots(tmp_path_factory: pytest.TempPathFactory) -> SnapshotCache:
 
 @pytest.fixture
 def microvm_clone(vm_snapshots: SnapshotCache) -> Iterator[Callable[..., "MicroVM"]]:
-    """A factory: ``microvm_clone(key, make, ready, timeout=600, memory="cow")``
-    returns a clone of the VM ``make()`` boots, as it was when ``ready``
-    appeared on its console; clones are closed after the test."""
+    """A factory: ``microvm_clone(key, make, ready, timeout=600, memory="cow",
+    devices=None)`` returns a clone of the VM ``make()`` boots, as it was
+    when ``ready`` appeared on its console (``devices``: changes to its saved
+    devices, e.g. a disk of the test's own); clones are closed after the test."""
     from hvkit.machine import MicroVM
     made: list[MicroVM] = []
 
     def clone(key: str, make: "Callable[[], MicroVM]", ready: bytes, timeout: float = 600.0,
-              memory: str = "cow") -> MicroVM:
-        vm = MicroVM.restore(vm_snapshots.path(key, make, ready, timeout), memory=memory)
+              memory: str = "cow", devices: dict | None = None) -> MicroVM:
+        vm = MicroVM.restore(vm_snapshots.path(key, make, ready, timeout), memory=memory,
+                             devices=devices)
         made.append(vm)
         return vm
 

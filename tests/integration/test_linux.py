@@ -40,19 +40,38 @@ def command_initrd() -> bytes:
     return busybox_initramfs(init_script_text=text)
 
 
-def linux_clone(microvm_clone, kernel_dir):
+def linux_clone(microvm_clone, vm_snapshots, kernel_dir, devices=None):
+    """A clone of the hvkit kernel waiting for a command, with an NVMe disk
+    (served in the VMM, so it is saved too) that a test may swap for its own."""
     from hvkit import MicroVM
+    from hvkit.storage.raw import RawFileBackend
+    from hvkit.vmm.attach import Attachment
+
+    class CloseDisk(Attachment):
+        name = "close-disk"
+        transient = True
+
+        def __init__(self, disk):
+            self.disk = disk
+
+        def close(self):
+            self.disk.close()
 
     def boot_linux():
-        return MicroVM(kernel=os.path.join(kernel_dir, "vmlinux"), initrd=command_initrd(),
-                       memory="256M", cmdline="console=ttyS0 reboot=k panic=-1")
+        vm = MicroVM(kernel=os.path.join(kernel_dir, "vmlinux"), initrd=command_initrd(),
+                     memory="256M", cmdline="console=ttyS0 reboot=k panic=-1")
+        disk = RawFileBackend.create(os.path.join(vm_snapshots.root, "linux-shell.img"),
+                                     64 << 20)
+        vm.attach(CloseDisk(disk))       # closed after the controller
+        vm.add_nvme([disk], mode="mmio")
+        return vm
     return microvm_clone("linux-shell", boot_linux, ready=b"HVKIT-SNAP-READY",
-                         timeout=BOOT_TIMEOUT)
+                         timeout=BOOT_TIMEOUT, devices=devices)
 
 
 def test_hvkit_kernel_runs_command_and_passes_exit_code(microvm_clone, vm_snapshots,
                                                         kernel_dir):
-    vm = linux_clone(microvm_clone, kernel_dir)
+    vm = linux_clone(microvm_clone, vm_snapshots, kernel_dir)
     boot = vm_snapshots.boot_output["linux-shell"].decode(errors="replace")
     assert "HVKIT-INIT-OK" in boot
     assert "BIOS-e820" in boot or "e820" in boot
@@ -64,9 +83,10 @@ def test_hvkit_kernel_runs_command_and_passes_exit_code(microvm_clone, vm_snapsh
     assert code == 7, out[-2000:]
 
 
-def test_linux_clones_answer_commands_independently(microvm_clone, kernel_dir):
+def test_linux_clones_answer_commands_independently(microvm_clone, vm_snapshots, kernel_dir):
     """Two clones of one booted Linux, each given its own command: no boot."""
-    a, b = linux_clone(microvm_clone, kernel_dir), linux_clone(microvm_clone, kernel_dir)
+    a, b = (linux_clone(microvm_clone, vm_snapshots, kernel_dir),
+            linux_clone(microvm_clone, vm_snapshots, kernel_dir))
     a.start()
     b.start()
     a.send_input("echo clone-a > /tmp/f; cat /tmp/f; exit 11\n")
@@ -86,25 +106,28 @@ def test_hvkit_kernel_smp(microvm, kernel_dir, initrd):
     assert lines[lines.index("HVKIT-INIT-OK") + 1] == "2"
 
 
-def test_linux_nvme_driver_writes_what_the_host_reads(microvm, kernel_dir, initrd, tmp_path):
+def test_linux_nvme_driver_writes_what_the_host_reads(microvm_clone, vm_snapshots, kernel_dir,
+                                                      tmp_path):
+    """A restored Linux (its NVMe controller saved with it) writes through
+    the nvme driver to a disk of this test's own; the host reads it back."""
     from hvkit.storage.raw import RawFileBackend
     path = str(tmp_path / "disk.img")
-    backend = RawFileBackend.create(path, 64 << 20)
-    run = ("echo hvkit-nvme-data-0123456789 > /d; "
-           "dd if=/d of=/dev/nvme0n1 bs=4096 seek=2 conv=sync,fsync; "
-           "echo 3 > /proc/sys/vm/drop_caches; "
-           "dd if=/dev/nvme0n1 bs=4096 skip=2 count=1 2>/dev/null | head -c 26; echo")
-    vm = boot(microvm, os.path.join(kernel_dir, "vmlinux"), initrd, run)
-    vm.add_nvme([backend], mode="shadow")
-    code = vm.run(timeout=BOOT_TIMEOUT)
+    RawFileBackend.create(path, 64 << 20).close()
+    vm = linux_clone(microvm_clone, vm_snapshots, kernel_dir, devices={"nvme0": {"disks": [path]}})
+    boot = vm_snapshots.boot_output["linux-shell"].decode(errors="replace")
+    assert "nvme0: 1/0/0 default/read/poll queues" in boot or "nvme0n1" in boot, boot[-2000:]
+    vm.start()
+    vm.send_input("echo hvkit-nvme-data-0123456789 > /d; "
+                  "dd if=/d of=/dev/nvme0n1 bs=4096 seek=2 conv=sync,fsync; "
+                  "echo 3 > /proc/sys/vm/drop_caches; "
+                  "dd if=/dev/nvme0n1 bs=4096 skip=2 count=1 2>/dev/null | head -c 26; echo\n")
+    code = vm.wait(BOOT_TIMEOUT)
     out = vm.console_output.decode(errors="replace")
     assert code == 0, out[-2000:]
-    assert "nvme0: 1/0/0 default/read/poll queues" in out or "nvme0n1" in out
     assert out.count("hvkit-nvme-data-0123456789") >= 1
     with open(path, "rb") as f:
         f.seek(8192)
         assert f.read(27) == b"hvkit-nvme-data-0123456789\n"
-    backend.close()
 
 
 def stock_kernel() -> str:
