@@ -8,9 +8,10 @@ packages=(build-essential make gcc linux-libc-dev python3 python3-dev python3-ve
           busybox-static)
 if [[ "${1:-}" == "--test" ]]; then
     # the hvkit guest kernel's source and build tools, Debian's stock kernel
-    # (booted by the tests), qemu-img/qemu-io for the storage tests
+    # (booted by the tests), qemu-img/qemu-io for the storage tests, debugfs
+    # (e2fsprogs) to read the ext2 file Linux wrote through virtio-blk
     packages+=(linux-source-6.1 bc flex bison libelf-dev libssl-dev xz-utils lz4 cpio fio
-               linux-image-cloud-amd64 qemu-utils)
+               linux-image-cloud-amd64 qemu-utils e2fsprogs)
 fi
 
 missing=()
