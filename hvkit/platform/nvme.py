@@ -126,6 +126,11 @@ class NvmeAttachment(Attachment):
                     continue
                 self.ctrl.service_irq(fds[fd])
 
+    def on_resume(self) -> None:
+        """After a snapshot stopped the accelerator process: a new one."""
+        if self.acc is not None and not self.acc.alive():
+            self.acc.restart()
+
     def state(self) -> dict:
         assert self.ctrl is not None
         return {"devfn": self.devfn, "mode": self.mode, "ctrl": self.ctrl.state()}

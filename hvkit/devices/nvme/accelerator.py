@@ -150,17 +150,32 @@ class Accelerator:
         self._kill()
         self.restarts += 1
         log.warning("nvme: restarting the accelerator (restart %d)", self.restarts)
-        c = self.ctrl
-        # snapshot first: the new process republishes as it creates queues
-        state = {qid: read_queue_state(c.ctrl_page, qid) for qid in set(c.io_cqs) | set(c.io_sqs)}
+        # read first: the new process republishes as it creates queues
+        positions = self.positions()
         self.start()
+        self.resume_queues(positions)
+
+    def suspend(self) -> None:
+        """Stop the process with the VM paused (for a snapshot): what it
+        fetched but did not complete is fetched again by the next one."""
+        self._kill()
+
+    def positions(self) -> dict[int, tuple[int, int, int]]:
+        """(SQ head, CQ tail, CQ phase) of every I/O queue, as published."""
+        c = self.ctrl
+        return {qid: read_queue_state(c.ctrl_page, qid) for qid in set(c.io_cqs) | set(c.io_sqs)}
+
+    def resume_queues(self, positions: dict[int, tuple[int, int, int]]) -> None:
+        """Give a fresh process the controller's I/O queues at ``positions``;
+        it first takes in completions posted after the last publish."""
+        c = self.ctrl
         # one message, handled between two engine passes: the new process
         # must not look at a doorbell before it knows where they all are
         restore = {
             "op": "restore",
-            "cqs": [[qid, gpa, size, iv, ien, state[qid][1] % size, state[qid][2] & 1]
+            "cqs": [[qid, gpa, size, iv, ien, positions[qid][1] % size, positions[qid][2] & 1]
                     for qid, (gpa, size, iv, ien) in sorted(c.io_cqs.items())],
-            "sqs": [[qid, gpa, size, cqid, state[qid][0] % size]
+            "sqs": [[qid, gpa, size, cqid, positions[qid][0] % size]
                     for qid, (gpa, size, cqid) in sorted(c.io_sqs.items())],
             "dbbuf": list(c.dbbuf) if c.dbbuf is not None else None,
         }

@@ -568,14 +568,17 @@ class NvmeController(PciDevice):
         """Registers, features and every queue with its positions (JSON-able):
         with the engine in this process and the vCPUs paused, nothing is in
         flight. A controller served by an accelerator process is not saved."""
-        if self.accelerator is not None:
-            raise NotImplementedError("an NVMe controller served by an accelerator process "
-                                      "(ioeventfd or shadow doorbells) cannot be saved yet; "
-                                      "mode='mmio' can")
         with self._lock:
             e = self.engine
             a = self.admin
+            acc = self.accelerator
+            if acc is not None:
+                # its process stops; the next one (after resume, or in the
+                # restored VM) takes the queues from the published positions
+                acc.suspend()
+                published = {str(q): list(p) for q, p in acc.positions().items()}
             return {
+                "accelerated": published if acc is not None else None,
                 "pci": PciDevice.state(self), "msix": self.msix.state(),
                 "regs": [self.cc, self.csts, self.aqa, self.asq, self.acq, self.intms],
                 "error_count": self.error_count,
@@ -611,6 +614,11 @@ class NvmeController(PciDevice):
                            for q, r in state["io_sqs"].items()}
             e = self.engine
             e.reset()
+            accelerated = state.get("accelerated")
+            if (accelerated is None) != (self.accelerator is None):
+                raise ValueError("the saved controller was served "
+                                 + ("by an accelerator" if accelerated is not None
+                                    else "in the VMM") + "; this one is not")
             for qid, gpa, size, vector, ien, tail, phase, head, pending, blocked in state["cqs"]:
                 cq = e.create_cq(int(qid), int(gpa), int(size), int(vector), bool(ien),
                                  tail=int(tail), phase=int(phase))
@@ -625,8 +633,15 @@ class NvmeController(PciDevice):
             self.dbbuf = tuple(int(v) for v in state["dbbuf"]) if state["dbbuf"] else None
             if self.dbbuf is not None:
                 e.set_dbbuf(*self.dbbuf, initialise=False)
-            threshold, disabled = state["coalesce"]
-            self.plane.set_coalescing(int(threshold), [int(v) for v in disabled])
+            if self.accelerator is not None:
+                self.accelerator.resume_queues({int(q): tuple(int(v) for v in p)
+                                                for q, p in accelerated.items()})
+                if self.dbbuf is not None:
+                    for cb in list(self.dbbuf_listeners):
+                        cb(self.dbbuf)
+            else:
+                threshold, disabled = state["coalesce"]
+                self.plane.set_coalescing(int(threshold), [int(v) for v in disabled])
 
     def close(self) -> None:
         with self._lock:
