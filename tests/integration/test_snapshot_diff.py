@@ -343,3 +343,27 @@ def test_the_cli_restores_a_device_on_another_disk(tmp_path):
               "--device", f"virtio-blk0:backend={tmp_path / 'moved.img'}")
     assert r.returncode == 0, r.stderr
     assert b"virtio-blk: ok" in r.stdout
+
+
+def test_a_truncated_or_corrupted_snapshot_is_refused_and_nothing_starts(chain, tmp_path):
+    import threading
+    before = threading.active_count()
+    cut = tmp_path / "cut"
+    shutil.copytree(chain / "full", cut)
+    os.truncate(cut / "memory", 1 << 20)
+    with pytest.raises(SnapshotError, match="does not fit the memory file"):
+        MicroVM.restore(cut)
+    bad = tmp_path / "bad"
+    shutil.copytree(chain / "full", bad)
+    text = (bad / "vm.json").read_bytes()
+    (bad / "vm.json").write_bytes(text[:len(text) // 2])
+    with pytest.raises(SnapshotError, match="not a snapshot header"):
+        MicroVM.restore(bad)
+    diff = tmp_path / "d"
+    shutil.copytree(chain, diff, dirs_exist_ok=True)
+    header = json.loads((diff / "d2" / "vm.json").read_text())
+    header["pages"][0].append([1 << 30, 1])
+    (diff / "d2" / "vm.json").write_text(json.dumps(header))
+    with pytest.raises(SnapshotError, match="damaged page list"):
+        MicroVM.restore(diff / "d2")
+    assert threading.active_count() == before
