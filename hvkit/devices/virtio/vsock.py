@@ -562,6 +562,11 @@ class VirtioVsock(VirtioDevice):
             if not conn.readable or conn.state != ESTABLISHED:
                 continue
             budget = conn.peer_credit()
+            if budget > 0 and w.remaining == 0:
+                # room for a header only: no use for data, which waits for
+                # the next buffer (the connection stays pending)
+                self._rx_pending[key] = conn
+                return 0
             credit = min(budget, w.remaining, MAX_PKT)
             if credit <= 0:
                 continue                     # wait for the guest's credit update
