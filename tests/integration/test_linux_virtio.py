@@ -246,11 +246,11 @@ def run(kernel_dir, tmp_path_factory):
                  initrd=busybox_initramfs(init_script_text=text),
                  cmdline=cmdline, memory="256M")
     try:
-        blk = vm.add_virtio_blk(disk, transport="pci")
+        vm.add_virtio_blk(disk, transport="pci")
         net = vm.add_virtio_net(transport="pci")
         console = vm.add_virtio_console(transport="mmio")
-        vsock = vm.add_virtio_vsock(GUEST_CID, uds, transport="mmio")
-        rng = vm.add_virtio_rng(transport="mmio")
+        vm.add_virtio_vsock(GUEST_CID, uds, transport="mmio")
+        vm.add_virtio_rng(transport="mmio")
         with IPRoute() as ipr:
             idx = ipr.link_lookup(ifname=net.backend.name)[0]
             ipr.addr("add", index=idx, address=HOST_IP, prefixlen=24)
@@ -268,7 +268,7 @@ def run(kernel_dir, tmp_path_factory):
         result = {
             "code": code, "elapsed": elapsed, "serial": vm.console_output.decode(errors="replace"),
             "console": console.output.decode(errors="replace"), "host": host.seen,
-            "host_errors": host.errors, "disk": disk, "rng": rng, "blk": blk, "vsock": vsock,
+            "host_errors": host.errors, "disk": disk,
         }
     finally:
         vm.close()
