@@ -1,9 +1,23 @@
-"""What the disk benchmarks share: the host's CPU time, the guest TSC rate,
-percentiles and a fully written test file. Imported from the benchmark
+"""What the benchmarks share: the host's CPU time, the guest TSC rate,
+percentiles, a fully written test file and the hvkit guest kernel. Imported from the benchmark
 scripts' own directory (they run as ``python benchmarks/NAME.py``)."""
 from __future__ import annotations
 
 import os
+import subprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def kernel_dir() -> str:
+    """The hvkit guest kernel: $HVKIT_LINUX_DIR, else built (cached) by
+    guests/linux/build.sh."""
+    d = os.environ.get("HVKIT_LINUX_DIR")
+    if d:
+        return d
+    out = subprocess.run(["bash", os.path.join(ROOT, "guests/linux/build.sh"), "--print-dir"],
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip().splitlines()[-1]
 
 
 def cpu_times() -> tuple[int, int]:

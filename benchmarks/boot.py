@@ -23,22 +23,14 @@ import sys
 import tempfile
 import time
 
+from benchlib import kernel_dir
+
 from hvkit.arch.x86.profiles import select_profile
 from hvkit.boot.initramfs import MARKER, busybox_initramfs
 from hvkit.machine import MicroVM
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = "console=ttyS0 reboot=k panic=-1"
 RUN = 'hvkit.run="exit 3"'
-
-
-def kernel_dir() -> str:
-    d = os.environ.get("HVKIT_LINUX_DIR")
-    if d:
-        return d
-    out = subprocess.run(["bash", os.path.join(ROOT, "guests/linux/build.sh"), "--print-dir"],
-                         capture_output=True, text=True, check=True)
-    return out.stdout.strip().splitlines()[-1]
 
 
 def boot_hvkit(kernel: str, initrd: bytes, cmdline: str) -> dict:

@@ -24,25 +24,16 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
+
+from benchlib import kernel_dir
 
 import hvkit
 from hvkit.boot.initramfs import busybox_initramfs, init_script
 from hvkit.machine import MicroVM
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 READY = b"HVKIT-RESTORE-READY"
-
-
-def kernel_dir() -> str:
-    d = os.environ.get("HVKIT_LINUX_DIR")
-    if d:
-        return d
-    out = subprocess.run(["bash", os.path.join(ROOT, "guests/linux/build.sh"), "--print-dir"],
-                         capture_output=True, text=True, check=True)
-    return out.stdout.strip().splitlines()[-1]
 
 
 def wait_for(vm: MicroVM, text: bytes, start: int, timeout: float) -> float:
