@@ -28,6 +28,7 @@ class DirtyTracker(Attachment):
         self.parent = parent
         self.logs: list[tuple[int, DirtyLog]] = []     # (region number, log)
         self.vmm: "Vmm | None" = None
+        self._given_back: list[set[int]] = []
 
     def on_attach(self, vmm: "Vmm") -> None:
         self.vmm = vmm
@@ -47,6 +48,9 @@ class DirtyTracker(Attachment):
         assert self.vmm is not None
         regions = list(self.vmm.memory)
         out: list[set[int]] = [set() for _ in regions]
+        for index, pages in enumerate(self._given_back[:len(out)]):
+            out[index] |= pages
+        self._given_back = []
         for index, log in self.logs:
             out[index].update(log.collect())
         for page in self.vmm.memory.take_written():
@@ -56,6 +60,11 @@ class DirtyTracker(Attachment):
                     out[index].add((gpa - region.gpa) // PAGE)
                     break
         return out
+
+    def give_back(self, written: list[set[int]]) -> None:
+        """A snapshot that failed after ``collect()``: its pages count
+        again in the next collect, so no diff misses them."""
+        self._given_back = written
 
     def state(self) -> dict[str, Any]:
         return {}

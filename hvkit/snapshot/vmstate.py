@@ -90,24 +90,32 @@ def save(vmm: "Vmm", path: str | os.PathLike, *, diff: bool = False,
     written = tracker.collect() if tracker is not None else None
     parent = None
     pages = None
-    if diff:
-        assert tracker is not None and tracker.parent is not None and written is not None
-        pages = [runs_of(p) for p in written]
-        regions = save_memory(vmm.memory, memory_path(path), pages=pages)
-        parent = {"path": _relative(tracker.parent["path"], path), "id": tracker.parent["id"]}
-    else:
-        regions = save_memory(vmm.memory, memory_path(path))
-    times["memory_s"] = time.perf_counter() - t
-    config = _config_dict(vmm.config)
     snap_id = uuid.uuid4().hex
-    write_header(path, {
-        "hvkit": __version__, "created": time.time(), "id": snap_id, "parent": parent,
-        "pages": pages, "config": config,
-        "cmdline": vmm.cmdline, "regions": regions,
-        "cpuid": cpu.cpuid_to_json(first.get_cpuid2()), "tsc_khz": first.get_tsc_khz(),
-        "vcpus": vcpus, "vm": vm_state, "devices": devices, "attachments": attachments,
-        "attachment_specs": specs,
-    })
+    try:
+        if diff:
+            assert tracker is not None and tracker.parent is not None and written is not None
+            pages = [runs_of(p) for p in written]
+            regions = save_memory(vmm.memory, memory_path(path), pages=pages)
+            parent = {"path": _relative(tracker.parent["path"], path),
+                      "id": tracker.parent["id"]}
+        else:
+            regions = save_memory(vmm.memory, memory_path(path))
+        times["memory_s"] = time.perf_counter() - t
+        write_header(path, {
+            "hvkit": __version__, "created": time.time(), "id": snap_id, "parent": parent,
+            "pages": pages, "config": _config_dict(vmm.config),
+            "cmdline": vmm.cmdline, "regions": regions,
+            "cpuid": cpu.cpuid_to_json(first.get_cpuid2()), "tsc_khz": first.get_tsc_khz(),
+            "vcpus": vcpus, "vm": vm_state, "devices": devices, "attachments": attachments,
+            "attachment_specs": specs,
+        })
+    except BaseException as exc:
+        if tracker is not None and written is not None:
+            tracker.give_back(written)    # the next diff is still on the old parent
+        if isinstance(exc, OSError):
+            raise SnapshotError(f"{path}: cannot write the snapshot: "
+                                f"{exc.strerror or exc}") from None
+        raise
     if track_dirty and tracker is None:
         tracker = DirtyTracker()
         vmm.attach(tracker)

@@ -369,3 +369,24 @@ def test_a_truncated_or_corrupted_snapshot_is_refused_and_nothing_starts(chain, 
     with pytest.raises(SnapshotError, match="damaged page list"):
         MicroVM.restore(diff / "d2")
     assert threading.active_count() == before
+
+
+def test_a_failed_diff_loses_no_pages_for_the_next(tmp_path):
+    vm = counter(pages=8)
+    try:
+        vm.pause()
+        vm.snapshot(tmp_path / "base", track_dirty=True)
+        vm.resume()
+        wait_lines(vm, 2, start=len(vm.console_output))
+        vm.pause()
+        (tmp_path / "d1").mkdir()
+        (tmp_path / "d1" / "memory.tmp").mkdir()     # the memory file cannot be written
+        with pytest.raises(SnapshotError, match="cannot write the snapshot"):
+            vm.snapshot(tmp_path / "d1", diff=True)
+        (tmp_path / "d1" / "memory.tmp").rmdir()
+        vm.snapshot(tmp_path / "d1", diff=True)      # the pages of the failed try included
+        want = regions(vm)
+    finally:
+        vm.close()
+    with MicroVM.restore(tmp_path / "d1", memory="eager") as restored:
+        assert regions(restored) == want
