@@ -156,7 +156,7 @@ class LazyPager:
     def _host_access(self, gpa: int, size: int) -> None:
         """Bring in the blocks of a host access from the calling thread."""
         for index, base in enumerate(self.gpas):
-            start, _, rsize = self.ranges[index]
+            rsize = self.ranges[index][2]
             lo, hi = max(gpa, base), min(gpa + size, base + rsize)
             if lo >= hi:
                 continue

@@ -45,12 +45,12 @@ def save(vmm: "Vmm", path: str | os.PathLike, *, diff: bool = False,
     if vmm.state != "paused":
         raise SnapshotError(f"a snapshot is taken of a paused VM; this one is {vmm.state}")
     tracker = tracker_of(vmm)
-    if diff and (tracker is None or tracker.parent is None):
+    base = tracker.parent if tracker is not None else None
+    if diff and base is None:
         raise SnapshotError("a diff snapshot needs dirty-page tracking since the VM's last "
                             "snapshot: take that one (or restore) with track_dirty=True")
-    if diff and not os.path.isdir(tracker.parent["path"]):   # type: ignore[union-attr]
-        raise SnapshotError(f"the diff's parent snapshot {tracker.parent['path']} "  # type: ignore
-                            "is gone")
+    if diff and not os.path.isdir(base["path"]):
+        raise SnapshotError(f"the diff's parent snapshot {base['path']} is gone")
     times: dict[str, float] = {}
     t = time.perf_counter()
     devices = {}
@@ -92,12 +92,12 @@ def save(vmm: "Vmm", path: str | os.PathLike, *, diff: bool = False,
     pages = None
     snap_id = uuid.uuid4().hex
     try:
-        if diff:
-            assert tracker is not None and tracker.parent is not None and written is not None
+        if diff and base is not None and written is not None:
             pages = [runs_of(p) for p in written]
             regions = save_memory(vmm.memory, memory_path(path), pages=pages)
-            parent = {"path": _relative(tracker.parent["path"], path),
-                      "id": tracker.parent["id"]}
+            # relative, so a chain of snapshot directories can move together
+            parent = {"path": os.path.relpath(base["path"], os.path.abspath(path)),
+                      "id": base["id"]}
         else:
             regions = save_memory(vmm.memory, memory_path(path))
         times["memory_s"] = time.perf_counter() - t
@@ -122,15 +122,6 @@ def save(vmm: "Vmm", path: str | os.PathLike, *, diff: bool = False,
     if tracker is not None:
         tracker.parent = {"path": os.path.abspath(path), "id": snap_id}
     return times
-
-
-def _relative(target: str, start: str) -> str:
-    """``target`` as a path relative to directory ``start`` (so a chain of
-    snapshot directories can move together), absolute if it cannot be."""
-    try:
-        return os.path.relpath(os.path.abspath(target), os.path.abspath(start))
-    except ValueError:
-        return os.path.abspath(target)
 
 
 def _clock(kvm_vm: Any) -> int | None:
